@@ -1,0 +1,1 @@
+"""dicomnode analyzers: one sub-package per published method, plus the contract in ``base``."""
