@@ -1,0 +1,46 @@
+"""Structured logging: JSON events on stderr, carrying UIDs and counts, never patient identity."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+import structlog
+
+# Keys that would carry patient identity; dropped from every event as a last line of defence.
+PHI_KEYS = frozenset({
+    "PatientName", "PatientID", "PatientBirthDate", "patient_name", "patient_id", "birth_date",
+    "PatientAddress", "OtherPatientIDs", "OtherPatientNames", "PatientTelephoneNumbers", "AccessionNumber",
+})
+
+
+def _drop_phi(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    for key in PHI_KEYS.intersection(event):
+        event[key] = "[removed]"
+    return event
+
+
+def setup_logging(cfg: Any = None, process: str = "node", level: str | None = None, fmt: str | None = None) -> None:
+    conf = getattr(cfg, "logging", None) or {}
+    level = (level or os.environ.get("DICOMNODE_LOG_LEVEL") or conf.get("level") or "INFO").upper()
+    fmt = fmt or os.environ.get("DICOMNODE_LOG_FORMAT") or conf.get("format") or "json"
+    renderer = structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _drop_phi,
+            lambda _l, _m, e: {**e, "process": process},
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level, logging.INFO)),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+    # pynetdicom logs through the standard library; keep it quiet unless debugging.
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s %(levelname)s %(message)s")
+    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if level == "DEBUG" else logging.CRITICAL)
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)

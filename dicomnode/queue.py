@@ -1,0 +1,152 @@
+"""Job queue: one row per (study, analyzer) to run, in SQLite, surviving restarts.
+
+States: ``queued`` → ``running`` → ``done`` | ``not_applicable`` | ``failed`` (parked after
+``max_attempts``; ``dicomnode jobs retry`` re-queues it). A job found ``running`` at start-up was
+cut off by a crash or stop; it goes back to ``queued`` and counts the attempt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from .store import Store
+
+log = structlog.get_logger("dicomnode.queue")
+
+JOB_STATES = ("queued", "running", "done", "not_applicable", "failed")
+
+
+@dataclass
+class Job:
+    id: int
+    study_uid: str
+    analyzer: str
+    rule: str | None
+    destinations: list[str]
+    series_uids: list[str]
+    attempts: int
+    max_attempts: int
+
+    @classmethod
+    def from_row(cls, row: Any) -> "Job":
+        return cls(row["id"], row["study_uid"], row["analyzer"], row["rule"], json.loads(row["destinations"]),
+                   json.loads(row["series_uids"]), row["attempts"], row["max_attempts"])
+
+
+class JobQueue:
+    def __init__(self, store: Store, max_attempts: int = 3, retry_delay: float = 10.0) -> None:
+        self.store = store
+        self.max_attempts = max_attempts
+        self.retry_delay = retry_delay
+
+    def enqueue(self, study_uid: str, analyzer: str, rule: str | None, destinations: list[str],
+                series_uids: list[str], priority: int = 2) -> int:
+        """Queue a job; a job for the same study and analyzer that has not started absorbs the new series."""
+        now = time.time()
+        with self.store.transaction() as db:
+            row = db.execute("SELECT id, series_uids, destinations FROM jobs WHERE study_uid=? AND analyzer=? AND state='queued'",
+                             (study_uid, analyzer)).fetchone()
+            if row:
+                series = sorted(set(json.loads(row["series_uids"])) | set(series_uids))
+                dests = sorted(set(json.loads(row["destinations"])) | set(destinations))
+                db.execute("UPDATE jobs SET series_uids=?, destinations=? WHERE id=?", (json.dumps(series), json.dumps(dests), row["id"]))
+                return int(row["id"])
+            cur = db.execute(
+                "INSERT INTO jobs (study_uid, analyzer, rule, destinations, series_uids, priority, max_attempts, created_at)"
+                " VALUES (?,?,?,?,?,?,?,?)",
+                (study_uid, analyzer, rule, json.dumps(sorted(set(destinations))), json.dumps(sorted(set(series_uids))),
+                 priority, self.max_attempts, now),
+            )
+            job_id = int(cur.lastrowid)
+        log.info("job_queued", job=job_id, study_uid=study_uid, analyzer=analyzer, rule=rule, series=len(series_uids))
+        return job_id
+
+    def claim(self, analyzers: list[str] | None = None) -> Job | None:
+        worker = f"{socket.gethostname()}:{os.getpid()}"
+        now = time.time()
+        where = ""
+        args: list[Any] = [now]
+        if analyzers is not None:
+            where = f" AND analyzer IN ({','.join('?' * len(analyzers))})"
+            args += analyzers
+        with self.store.transaction() as db:
+            row = db.execute(
+                f"SELECT id FROM jobs WHERE state='queued' AND not_before<=?{where} ORDER BY priority, id LIMIT 1", args
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE jobs SET state='running', started_at=?, worker=?, attempts=attempts+1, error=NULL WHERE id=?",
+                       (now, worker, row["id"]))
+            full = db.execute("SELECT * FROM jobs WHERE id=?", (row["id"],)).fetchone()
+        return Job.from_row(full)
+
+    def finish(self, job_id: int, outbox_rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+        """Mark done and hand the result objects to the outbox in one transaction."""
+        now = time.time()
+        with self.store.transaction() as db:
+            for r in outbox_rows:
+                db.execute(
+                    "INSERT OR IGNORE INTO outbox (job_id, study_uid, destination, sop_uid, sop_class_uid, description, path, created_at)"
+                    " VALUES (?,?,?,?,?,?,?,?)",
+                    (job_id, r["study_uid"], r["destination"], r["sop_uid"], r["sop_class_uid"], r.get("description", ""), r["path"], now),
+                )
+            db.execute("UPDATE jobs SET state='done', finished_at=?, summary=?, n_objects=? WHERE id=?",
+                       (now, json.dumps(summary), len({r['sop_uid'] for r in outbox_rows}) if outbox_rows else summary.get("objects", 0), job_id))
+
+    def not_applicable(self, job_id: int, reason: str) -> None:
+        self.store.db.execute("UPDATE jobs SET state='not_applicable', finished_at=?, error=? WHERE id=?", (time.time(), reason, job_id))
+
+    def fail(self, job_id: int, error: str) -> str:
+        """Record a failure: re-queued with back-off while attempts remain, else parked as ``failed``."""
+        now = time.time()
+        with self.store.transaction() as db:
+            row = db.execute("SELECT attempts, max_attempts FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is None:
+                return "missing"
+            if row["attempts"] >= row["max_attempts"]:
+                db.execute("UPDATE jobs SET state='failed', finished_at=?, error=? WHERE id=?", (now, error[:2000], job_id))
+                return "failed"
+            delay = self.retry_delay * 2 ** (row["attempts"] - 1)
+            db.execute("UPDATE jobs SET state='queued', not_before=?, error=? WHERE id=?", (now + delay, error[:2000], job_id))
+            return "queued"
+
+    def recover(self) -> int:
+        """Jobs left ``running`` by a crash or stop go back to the queue (or park when out of attempts)."""
+        rows = self.store.db.execute("SELECT id FROM jobs WHERE state='running'").fetchall()
+        for r in rows:
+            outcome = self.fail(r["id"], "interrupted: the node stopped while this job ran")
+            log.warning("job_recovered", job=r["id"], outcome=outcome)
+        return len(rows)
+
+    def retry(self, job_id: int) -> bool:
+        cur = self.store.db.execute(
+            "UPDATE jobs SET state='queued', attempts=0, not_before=0, error=NULL WHERE id=? AND state IN ('failed','not_applicable','done')",
+            (job_id,))
+        return cur.rowcount == 1
+
+    def list(self, states: list[str] | None = None, limit: int = 200) -> list[dict[str, Any]]:
+        q = "SELECT * FROM jobs"
+        args: list[Any] = []
+        if states:
+            q += f" WHERE state IN ({','.join('?' * len(states))})"
+            args += states
+        q += " ORDER BY id DESC LIMIT ?"
+        rows = self.store.db.execute(q, [*args, limit]).fetchall()
+        out = []
+        for r in rows:
+            d = dict(r)
+            d["destinations"] = json.loads(d["destinations"])
+            d["series_uids"] = json.loads(d["series_uids"])
+            d["summary"] = json.loads(d["summary"]) if d["summary"] else None
+            out.append(d)
+        return out
+
+    def depths(self) -> dict[str, int]:
+        return {r[0]: r[1] for r in self.store.db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state")}

@@ -1,0 +1,56 @@
+"""Finding analyzers (entry points and configured plugins) and building them from the configuration."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from analyzers.base import Analyzer, AnalyzerSettings, analyzer_class, available_analyzers
+
+from .config import Config
+
+
+def _plugin(spec: str) -> type[Analyzer]:
+    module, _, attr = spec.partition(":")
+    if not module or not attr:
+        raise ValueError(f"analyzers.plugins entry {spec!r} must be 'module:Class'")
+    cls = getattr(importlib.import_module(module), attr)
+    if not (isinstance(cls, type) and issubclass(cls, Analyzer)):
+        raise TypeError(f"analyzers.plugins entry {spec!r} is not an Analyzer subclass")
+    return cls
+
+
+def analyzer_names(cfg: Config | None) -> list[str]:
+    names = set(available_analyzers())
+    if cfg is not None:
+        for spec in cfg.analyzers.plugins:
+            try:
+                names.add(_plugin(spec).name)
+            except Exception:
+                continue
+        names -= {n for n, s in cfg.analyzers.settings.items() if not s.enabled}
+    return sorted(names)
+
+
+def get_class(name: str, cfg: Config | None = None) -> type[Analyzer]:
+    if cfg is not None:
+        for spec in cfg.analyzers.plugins:
+            cls = _plugin(spec)
+            if cls.name == name:
+                return cls
+    return analyzer_class(name)
+
+
+def settings_for(name: str, cfg: Config | None) -> AnalyzerSettings:
+    if cfg is None:
+        return AnalyzerSettings()
+    opts = cfg.analyzers.settings.get(name)
+    return AnalyzerSettings(
+        device=cfg.analyzers.device,
+        model_paths={k: cfg.resolve(Path(v)) for k, v in (opts.models if opts else {}).items()},
+        options=dict(opts.options) if opts else {},
+    )
+
+
+def build(name: str, cfg: Config | None = None) -> Analyzer:
+    return get_class(name, cfg)(settings_for(name, cfg))

@@ -1,0 +1,146 @@
+"""The running node: receiver, assembler, worker process, sender, and a clean stop on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import structlog
+
+from .assembler import Assembler, RulesHolder
+from .config import Config
+from .outbox import Outbox
+from .queue import JobQueue
+from .receiver import Receiver, reindex_file
+from .registry import analyzer_names
+from .sender import Sender
+from .store import Store
+from .worker import WorkerProcess
+
+log = structlog.get_logger("dicomnode.service")
+
+
+class Node:
+    def __init__(self, cfg: Config) -> None:
+        if cfg.path is None:
+            raise ValueError("the node needs a configuration file path (the worker process reads it)")
+        self.cfg = cfg
+        self.store = Store(cfg.data_dir, fsync=cfg.node.fsync)
+        self.queue = JobQueue(self.store, cfg.analyzers.max_attempts)
+        self.outbox = Outbox(self.store, cfg.sender.max_attempts, cfg.sender.backoff_initial, cfg.sender.backoff_max)
+        self.rules = RulesHolder(cfg.rules_path)
+        known = set(analyzer_names(cfg))
+        self.assembler = Assembler(cfg, self.store, self.queue, self.rules, analyzer_known=lambda n: n in known)
+        self.receiver = Receiver(cfg, self.store)
+        self.sender = Sender(cfg, self.outbox)
+        self.workers = [WorkerProcess(cfg.path) for _ in range(cfg.analyzers.workers)]
+        self._stop = threading.Event()
+        self._watch: threading.Thread | None = None
+
+    def start(self) -> None:
+        from sr_templates.loader import check_all
+
+        check_all(analyzer_names(self.cfg))
+        recovered = self.store.reconcile(reindex_file)
+        requeued = self.queue.recover()
+        log.info("node_starting", ae_title=self.cfg.node.ae_title, port=self.cfg.node.port, data_dir=str(self.cfg.data_dir),
+                 rules=len(self.rules.rules.rules), reindexed=recovered, jobs_requeued=requeued, pid=os.getpid())
+        for w in self.workers:
+            w.start()
+        self.assembler.on_jobs = self._wake_workers
+        self.assembler.start()
+        self.sender.start()
+        self.receiver.start()
+        self.store.set_status("node", {"pid": os.getpid(), "started_at": time.time(), "port": self.receiver.port,
+                                       "ae_title": self.cfg.node.ae_title, "state": "running"})
+        self._watch = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
+        self._watch.start()
+        log.info("node_ready", port=self.receiver.port)
+
+    def _wake_workers(self) -> None:
+        for w in self.workers:
+            w.wake()
+
+    def _supervise(self) -> None:
+        """Restart a worker that died (an analyzer crash must not take the node down); time out long jobs."""
+        while not self._stop.wait(1.0):
+            try:
+                self.store.set_status("receiver", {"associations": self.receiver.active_associations,
+                                                   "stored": self.receiver.stored})
+                for w in self.workers:
+                    if not w.alive() and not self._stop.is_set():
+                        pid = w.proc.pid if w.proc else None
+                        self._recover_jobs_of(pid, "the worker process died while running this job")
+                        w.restarts += 1
+                        log.error("worker_died", pid=pid, exitcode=w.proc.exitcode if w.proc else None, restarts=w.restarts)
+                        w.start()
+                self._time_out_jobs()
+                if self.outbox.next_due_in() == 0:
+                    self.sender.wake()
+            except Exception as exc:
+                log.error("supervisor_error", error=f"{type(exc).__name__}: {exc}")
+
+    def _recover_jobs_of(self, pid: int | None, why: str) -> None:
+        if pid is None:
+            return
+        rows = self.store.db.execute("SELECT id FROM jobs WHERE state='running' AND worker LIKE ?", (f"%:{pid}",)).fetchall()
+        for r in rows:
+            outcome = self.queue.fail(r["id"], why)
+            self.store.set_status("last_error", {"job": r["id"], "error": why})
+            log.error("job_interrupted", job=r["id"], outcome=outcome, reason=why)
+
+    def _time_out_jobs(self) -> None:
+        limit = time.time() - self.cfg.analyzers.job_timeout
+        rows = self.store.db.execute("SELECT id, worker FROM jobs WHERE state='running' AND started_at < ?", (limit,)).fetchall()
+        for r in rows:
+            pid = int(str(r["worker"]).rsplit(":", 1)[-1])
+            for w in self.workers:
+                if w.proc is not None and w.proc.pid == pid:
+                    log.error("job_timeout", job=r["id"], seconds=self.cfg.analyzers.job_timeout)
+                    w.proc.kill()
+                    w.proc.join(5)
+
+    def stop(self, grace: float = 60.0) -> None:
+        """Stop taking associations, let the worker finish its job (or park it), flush the sender."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        log.info("node_stopping")
+        self.receiver.stop()
+        self.assembler.stop()
+        for w in self.workers:
+            pid = w.proc.pid if w.proc else None
+            if not w.stop(grace):
+                self._recover_jobs_of(pid, "interrupted by the node stopping; it will run again")
+        self.sender.stop(timeout=grace)
+        self.store.set_status("node", {"pid": os.getpid(), "state": "stopped", "stopped_at": time.time()})
+        log.info("node_stopped")
+
+    def serve_forever(self) -> None:
+        done = threading.Event()
+
+        def _signal(signum, _frame):
+            log.info("signal", signal=signal.Signals(signum).name)
+            done.set()
+
+        signal.signal(signal.SIGTERM, _signal)
+        signal.signal(signal.SIGINT, _signal)
+        self.start()
+        try:
+            while not done.wait(0.5):
+                pass
+        finally:
+            self.stop()
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+

@@ -1,0 +1,339 @@
+"""Spool files plus the SQLite index of studies, series, instances, jobs and the outbox.
+
+The spool is ``<data>/spool/<StudyUID>/<SeriesUID>/<SOPUID>.dcm``. An instance is written to a
+temporary file, fsynced and renamed into place before it is indexed, and it is indexed before the
+receiver answers success. The index runs in WAL mode with ``synchronous=NORMAL``: a killed process
+loses no committed transaction; after a power loss the last commits can be missing, which
+:meth:`Store.reconcile` repairs at start-up by indexing spool files the index does not know.
+
+One connection per thread (SQLite connections are not shared), short transactions, busy timeout.
+All storage goes through this module so that a server database can replace SQLite.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS studies (
+    study_uid TEXT PRIMARY KEY,
+    calling_ae TEXT, calling_host TEXT,
+    first_arrival REAL NOT NULL, last_arrival REAL NOT NULL,
+    state TEXT NOT NULL DEFAULT 'receiving',
+    completed_at REAL,
+    study_date TEXT, modalities TEXT,
+    n_instances INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS series (
+    series_uid TEXT PRIMARY KEY,
+    study_uid TEXT NOT NULL,
+    modality TEXT, description TEXT, series_number INTEGER,
+    attributes TEXT NOT NULL,
+    first_arrival REAL NOT NULL, last_arrival REAL NOT NULL,
+    routed_at REAL,
+    n_instances INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS series_study ON series(study_uid);
+CREATE TABLE IF NOT EXISTS instances (
+    sop_uid TEXT PRIMARY KEY,
+    series_uid TEXT NOT NULL, study_uid TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL, transfer_syntax TEXT,
+    instance_number INTEGER,
+    path TEXT NOT NULL, size INTEGER NOT NULL,
+    received_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);
+CREATE INDEX IF NOT EXISTS instances_study ON instances(study_uid);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    study_uid TEXT NOT NULL, analyzer TEXT NOT NULL, rule TEXT,
+    destinations TEXT NOT NULL, series_uids TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'queued', priority INTEGER NOT NULL DEFAULT 2,
+    attempts INTEGER NOT NULL DEFAULT 0, max_attempts INTEGER NOT NULL DEFAULT 3,
+    not_before REAL NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL, started_at REAL, finished_at REAL,
+    worker TEXT, error TEXT, summary TEXT, n_objects INTEGER
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, priority, not_before);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id INTEGER, study_uid TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    sop_uid TEXT NOT NULL, sop_class_uid TEXT NOT NULL, description TEXT,
+    path TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0, next_attempt REAL NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL, sent_at REAL, last_error TEXT,
+    UNIQUE (sop_uid, destination)
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_attempt);
+CREATE TABLE IF NOT EXISTS node_status (key TEXT PRIMARY KEY, value TEXT, updated_at REAL);
+"""
+
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+# Series-level attributes kept in the index for the router (never patient identity).
+ROUTING_KEYWORDS = (
+    "Modality", "BodyPartExamined", "SeriesDescription", "ImageType", "ViewPosition", "SOPClassUID",
+    "Manufacturer", "ManufacturerModelName", "ProtocolName", "StudyDescription", "Laterality",
+    "PhotometricInterpretation", "Rows", "Columns", "NumberOfFrames", "SliceThickness", "PixelSpacing",
+    "ImagerPixelSpacing", "BitsStored", "SeriesNumber", "ScanningSequence", "SequenceName",
+    "MRAcquisitionType", "EchoTime", "RepetitionTime", "KVP", "ConvolutionKernel", "PatientPosition",
+    "ImageOrientationPatient", "StationName", "InstitutionName", "ContrastBolusAgent", "AcquisitionType",
+)
+
+
+def valid_uid(uid: Any) -> bool:
+    return isinstance(uid, str) and 0 < len(uid) <= 64 and bool(_UID.match(uid))
+
+
+def to_jsonable(value: Any) -> Any:
+    """A DICOM element value as plain JSON (multi-values as lists, numbers as numbers)."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return [to_jsonable(v) for v in value]
+    return str(value)
+
+
+@dataclass
+class InstanceRecord:
+    sop_uid: str
+    series_uid: str
+    study_uid: str
+    sop_class_uid: str
+    transfer_syntax: str
+    instance_number: int | None
+    path: Path
+    size: int
+    attributes: dict[str, Any]
+    calling_ae: str | None = None
+    calling_host: str | None = None
+    study_date: str | None = None
+
+
+class Store:
+    """The spool folder and the SQLite index; safe to use from many threads."""
+
+    def __init__(self, data_dir: Path, fsync: bool = True) -> None:
+        self.data_dir = Path(data_dir)
+        self.spool = self.data_dir / "spool"
+        self.tmp = self.data_dir / "tmp"
+        self.results = self.data_dir / "results"
+        for d in (self.spool, self.tmp, self.results):
+            d.mkdir(parents=True, exist_ok=True)
+        self.db_path = self.data_dir / "index.sqlite"
+        self.fsync = fsync
+        self._local = threading.local()
+        self.db.executescript(SCHEMA)
+        self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+
+    # -- connections ---------------------------------------------------------
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None or getattr(self._local, "pid", None) != os.getpid():
+            conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None, check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA busy_timeout=30000")
+            conn.execute("PRAGMA foreign_keys=OFF")
+            self._local.conn = conn
+            self._local.pid = os.getpid()
+        return conn
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        else:
+            db.execute("COMMIT")
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    # -- files ---------------------------------------------------------------
+
+    def spool_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        for uid in (study_uid, series_uid, sop_uid):
+            if not valid_uid(uid):
+                raise ValueError(f"not a valid UID: {uid!r}")
+        return self.spool / study_uid / series_uid / f"{sop_uid}.dcm"
+
+    def write_durably(self, path: Path, chunks: Any) -> int:
+        """Write bytes (or an iterable of bytes) to ``path`` atomically: temp file, fsync, rename."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = _mkstemp(self.tmp)
+        size = 0
+        try:
+            with os.fdopen(fd, "wb", buffering=0) as f:
+                for chunk in [chunks] if isinstance(chunks, (bytes, bytearray, memoryview)) else chunks:
+                    f.write(chunk)
+                    size += len(chunk)
+                if self.fsync:
+                    os.fsync(f.fileno())
+            os.replace(tmp_name, path)
+            if self.fsync:
+                _fsync_dir(path.parent)
+        except BaseException:
+            try:
+                os.unlink(tmp_name)
+            except FileNotFoundError:
+                pass
+            raise
+        return size
+
+    # -- receiving -----------------------------------------------------------
+
+    def index_instance(self, rec: InstanceRecord, now: float | None = None) -> None:
+        """Record an instance already in the spool; a re-sent instance replaces its row."""
+        now = now or time.time()
+        attrs = json.dumps(rec.attributes, separators=(",", ":"))
+        with self.transaction() as db:
+            old = db.execute("SELECT series_uid FROM instances WHERE sop_uid=?", (rec.sop_uid,)).fetchone()
+            db.execute(
+                "INSERT OR REPLACE INTO instances VALUES (?,?,?,?,?,?,?,?,?)",
+                (rec.sop_uid, rec.series_uid, rec.study_uid, rec.sop_class_uid, rec.transfer_syntax,
+                 rec.instance_number, str(rec.path), rec.size, now),
+            )
+            new = 0 if old else 1
+            db.execute(
+                """INSERT INTO series (series_uid, study_uid, modality, description, series_number, attributes,
+                       first_arrival, last_arrival, n_instances)
+                   VALUES (?,?,?,?,?,?,?,?,1)
+                   ON CONFLICT(series_uid) DO UPDATE SET last_arrival=excluded.last_arrival,
+                       n_instances=n_instances+?""",
+                (rec.series_uid, rec.study_uid, rec.attributes.get("Modality"), rec.attributes.get("SeriesDescription"),
+                 _int(rec.attributes.get("SeriesNumber")), attrs, now, now, new),
+            )
+            db.execute(
+                """INSERT INTO studies (study_uid, calling_ae, calling_host, first_arrival, last_arrival, state,
+                       study_date, modalities, n_instances)
+                   VALUES (?,?,?,?,?,'receiving',?,?,1)
+                   ON CONFLICT(study_uid) DO UPDATE SET last_arrival=excluded.last_arrival, state='receiving',
+                       calling_ae=COALESCE(excluded.calling_ae, calling_ae),
+                       calling_host=COALESCE(excluded.calling_host, calling_host),
+                       n_instances=n_instances+?""",
+                (rec.study_uid, rec.calling_ae, rec.calling_host, now, now, rec.study_date,
+                 rec.attributes.get("Modality"), new),
+            )
+
+    # -- queries -------------------------------------------------------------
+
+    def studies(self, limit: int = 1000) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            """SELECT s.*, (SELECT COUNT(*) FROM series WHERE study_uid=s.study_uid) AS n_series,
+                      (SELECT GROUP_CONCAT(DISTINCT modality) FROM series WHERE study_uid=s.study_uid) AS mods
+               FROM studies s ORDER BY last_arrival DESC LIMIT ?""",
+            (limit,),
+        ).fetchall()
+        return [dict(r) for r in rows]
+
+    def study(self, study_uid: str) -> dict[str, Any] | None:
+        row = self.db.execute("SELECT * FROM studies WHERE study_uid=?", (study_uid,)).fetchone()
+        return dict(row) if row else None
+
+    def series_of(self, study_uid: str) -> list[dict[str, Any]]:
+        rows = self.db.execute("SELECT * FROM series WHERE study_uid=? ORDER BY series_number, first_arrival", (study_uid,))
+        out = []
+        for r in rows:
+            d = dict(r)
+            d["attributes"] = json.loads(d["attributes"])
+            out.append(d)
+        return out
+
+    def instances_of_series(self, series_uid: str) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            "SELECT * FROM instances WHERE series_uid=? ORDER BY instance_number IS NULL, instance_number, received_at",
+            (series_uid,),
+        )
+        return [dict(r) for r in rows]
+
+    def load_study(self, study_uid: str, series_uids: list[str] | None = None):
+        """The study as the analyzers see it (``analyzers.base.Study``), from the index."""
+        from analyzers.base import Instance, Series, Study
+
+        series = []
+        for s in self.series_of(study_uid):
+            if series_uids is not None and s["series_uid"] not in series_uids:
+                continue
+            insts = [
+                Instance(Path(i["path"]), i["sop_uid"], i["sop_class_uid"], i["instance_number"])
+                for i in self.instances_of_series(s["series_uid"])
+            ]
+            if insts:
+                series.append(Series(s["series_uid"], s["modality"] or "", insts, s["description"] or "", s["attributes"]))
+        return Study(study_uid, series)
+
+    def set_status(self, key: str, value: Any) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO node_status VALUES (?,?,?)", (key, json.dumps(value), time.time())
+        )
+
+    def get_status(self) -> dict[str, Any]:
+        return {r["key"]: {"value": json.loads(r["value"]), "updated_at": r["updated_at"]}
+                for r in self.db.execute("SELECT * FROM node_status")}
+
+    # -- recovery ------------------------------------------------------------
+
+    def reconcile(self, parse) -> int:
+        """Index spool files that the index lacks (after a power loss); returns how many."""
+        known = {r[0] for r in self.db.execute("SELECT path FROM instances")}
+        added = 0
+        for path in self.spool.glob("*/*/*.dcm"):
+            if str(path) in known:
+                continue
+            rec = parse(path)
+            if rec is not None:
+                self.index_instance(rec, now=path.stat().st_mtime)
+                added += 1
+        for stale in self.tmp.iterdir():
+            stale.unlink(missing_ok=True)
+        return added
+
+
+def _int(v: Any) -> int | None:
+    try:
+        return int(v) if v not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _mkstemp(folder: Path) -> tuple[int, str]:
+    import tempfile
+
+    return tempfile.mkstemp(dir=folder, suffix=".part")
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

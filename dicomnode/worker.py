@@ -1,0 +1,184 @@
+"""Worker: a separate process that owns the models (and the GPU), runs jobs, encodes, fills the outbox.
+
+Models are loaded once per analyzer and kept warm. A job's result objects are written durably
+under ``<data>/results/<job id>/`` and handed to the outbox in the same transaction that marks
+the job done, so a crash either repeats the whole job (its half-written folder is cleared first)
+or delivers exactly what was committed.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import shutil
+import signal
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from analyzers.base import Analyzer, NotApplicable
+
+from .config import Config, load_config
+from .queue import Job, JobQueue
+from .store import Store
+
+log = structlog.get_logger("dicomnode.worker")
+
+
+def encoder_context(cfg: Config):
+    from . import __version__
+    from .encoders import EncoderContext
+
+    return EncoderContext(
+        manufacturer=cfg.node.manufacturer,
+        software_version=__version__,
+        device_serial=cfg.node.device_serial,
+        institution=cfg.node.institution,
+        series_number_base=cfg.node.series_number_base,
+        station_name=cfg.node.ae_title,
+    )
+
+
+def run_analyzer(analyzer: Analyzer, study) -> Any:
+    """select + analyze; NotApplicable propagates."""
+    inputs = analyzer.select(study)
+    return analyzer.analyze(inputs)
+
+
+class Worker:
+    def __init__(self, cfg: Config, store: Store | None = None) -> None:
+        self.cfg = cfg
+        self.store = store or Store(cfg.data_dir, fsync=cfg.node.fsync)
+        self.queue = JobQueue(self.store, cfg.analyzers.max_attempts)
+        self._analyzers: dict[str, Analyzer] = {}
+        self._ctx = None
+
+    def analyzer(self, name: str) -> Analyzer:
+        if name not in self._analyzers:
+            from .registry import build
+
+            a = build(name, self.cfg)
+            t0 = time.monotonic()
+            a.load()
+            log.info("analyzer_loaded", analyzer=name, version=a.version, seconds=round(time.monotonic() - t0, 2))
+            self._analyzers[name] = a
+        return self._analyzers[name]
+
+    def run_one(self) -> bool:
+        job = self.queue.claim()
+        if job is None:
+            return False
+        self.process(job)
+        return True
+
+    def process(self, job: Job) -> None:
+        from .encoders import encode_result
+
+        t0 = time.monotonic()
+        log.info("job_started", job=job.id, study_uid=job.study_uid, analyzer=job.analyzer, attempt=job.attempts)
+        out_dir = self.store.results / str(job.id)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        try:
+            analyzer = self.analyzer(job.analyzer)
+            study = self.store.load_study(job.study_uid)
+            t_an = time.monotonic()
+            result = run_analyzer(analyzer, study)
+            analyze_s = time.monotonic() - t_an
+            if self._ctx is None:
+                self._ctx = encoder_context(self.cfg)
+            datasets = encode_result(result, study, self._ctx)
+            rows = []
+            for ds in datasets:
+                path = out_dir / f"{ds.SOPInstanceUID}.dcm"
+                self.store.write_durably(path, _encode(ds))
+                for dest in job.destinations:
+                    rows.append({"study_uid": job.study_uid, "destination": dest, "sop_uid": str(ds.SOPInstanceUID),
+                                 "sop_class_uid": str(ds.SOPClassUID), "description": str(ds.get("SeriesDescription", "")),
+                                 "path": str(path)})
+            summary = result.summary()
+            summary["objects"] = len(datasets)
+            self.queue.finish(job.id, rows, summary)
+            log.info("job_finished", job=job.id, study_uid=job.study_uid, analyzer=job.analyzer, objects=len(datasets),
+                     analyze_seconds=round(analyze_s, 3), seconds=round(time.monotonic() - t0, 3),
+                     review_required=result.review_required)
+        except NotApplicable as exc:
+            self.queue.not_applicable(job.id, f"not applicable: {exc}")
+            log.info("job_not_applicable", job=job.id, study_uid=job.study_uid, analyzer=job.analyzer, reason=str(exc))
+        except Exception as exc:
+            shutil.rmtree(out_dir, ignore_errors=True)
+            error = f"{type(exc).__name__}: {exc}"
+            outcome = self.queue.fail(job.id, error)
+            log.error("job_failed", job=job.id, study_uid=job.study_uid, analyzer=job.analyzer, error=error,
+                      outcome=outcome, trace=traceback.format_exc(limit=5)[-1500:])
+
+
+def _encode(ds) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def worker_main(config_path: str, stop: Any, wake: Any) -> None:
+    """Entry point of the worker process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the service decides when we stop
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    from .logs import setup_logging
+
+    cfg = load_config(config_path)
+    setup_logging(cfg, process="worker")
+    worker = Worker(cfg)
+    log.info("worker_started")
+    while not stop.is_set():
+        try:
+            busy = worker.run_one()
+        except Exception as exc:  # the index was busy or broken for a moment: keep serving
+            log.error("worker_error", error=f"{type(exc).__name__}: {exc}")
+            busy = False
+        if not busy:
+            wake.wait(1.0)
+            wake.clear()
+    log.info("worker_stopped")
+
+
+class WorkerProcess:
+    """The service's handle on the worker process: start, watch, restart, stop."""
+
+    def __init__(self, config_path: Path) -> None:
+        self.config_path = config_path
+        self._ctx = mp.get_context("spawn")
+        self.stop_event = self._ctx.Event()
+        self.wake_event = self._ctx.Event()
+        self.proc: mp.process.BaseProcess | None = None
+        self.restarts = 0
+
+    def start(self) -> None:
+        self.stop_event.clear()
+        self.proc = self._ctx.Process(target=worker_main, args=(str(self.config_path), self.stop_event, self.wake_event),
+                                      name="dicomnode-worker", daemon=False)
+        self.proc.start()
+
+    def wake(self) -> None:
+        self.wake_event.set()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.is_alive()
+
+    def stop(self, timeout: float) -> bool:
+        """Ask the worker to finish its job and stop; kill it after ``timeout``. True when it stopped by itself."""
+        if self.proc is None:
+            return True
+        self.stop_event.set()
+        self.wake_event.set()
+        self.proc.join(timeout)
+        clean = not self.proc.is_alive()
+        if not clean:
+            self.proc.terminate()
+            self.proc.join(5)
+            if self.proc.is_alive():
+                self.proc.kill()
+                self.proc.join()
+        return clean
