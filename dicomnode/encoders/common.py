@@ -1,0 +1,218 @@
+"""What every result object shares: equipment, identity, series numbering, copied study attributes."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import zlib
+from dataclasses import dataclass
+from typing import Iterable
+
+import highdicom as hd
+import pydicom
+from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
+
+import dicomnode
+from analyzers.base import AnalysisResult, SourceRef, Study
+from analyzers.phantoms import SC_IMAGE, UID_PREFIX
+from sr_templates.loader import PRIVATE_SCHEME
+
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+SEGMENTATION = "1.2.840.10008.5.1.4.1.1.66.4"
+SECONDARY_CAPTURE = SC_IMAGE
+
+
+def stable_uid(*parts: str) -> str:
+    """A UID that is the same every time for the same parts (under the project's root)."""
+    return generate_uid(prefix=UID_PREFIX, entropy_srcs=[str(p) for p in parts])
+
+
+def new_uid() -> str:
+    return generate_uid(prefix=UID_PREFIX)
+
+
+@dataclass
+class EncoderContext:
+    """Who makes the result objects: the node as a device, and where its series are numbered."""
+
+    manufacturer: str = "dicomnode project"
+    model_name: str = "dicomnode"
+    software_version: str = dicomnode.__version__
+    device_serial: str = "0"
+    device_uid: str = ""
+    """Stable UID of this node; empty means derived from manufacturer, model and serial."""
+    institution: str = ""
+    series_number_base: int = 9000
+    """Result SeriesNumber = base + 10 × analyzer slot + object-type offset."""
+    station_name: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.device_uid:
+            self.device_uid = stable_uid("device", self.manufacturer, self.model_name, self.device_serial)
+
+
+class EncodingError(ValueError):
+    """The result cannot become a valid DICOM object; the message says which item and why."""
+
+
+# Fixed slots keep every analyzer's series numbers stable across nodes; others hash into 60..99.
+_ANALYZER_SLOTS = {
+    "dxa_scoliosis": 1,
+    "spine_mri_grading": 2,
+    "spine_xray_keypoints": 3,
+    "chest_xray_thoracic": 4,
+    "ct_vertebral_fracture": 5,
+}
+OBJECT_OFFSETS = {"SR": 0, "SEG": 1, "SC": 2, "GSPS": 3}
+SERIES_LABELS = {"SR": "SR", "SEG": "SEG", "SC": "heatmap", "GSPS": "annotations"}
+
+
+def series_number(ctx: EncoderContext, analyzer: str, kind: str) -> int:
+    slot = _ANALYZER_SLOTS.get(analyzer)
+    if slot is None:
+        slot = 6 + zlib.crc32(analyzer.encode()) % 4
+    return ctx.series_number_base + 10 * slot + OBJECT_OFFSETS[kind]
+
+
+def series_description(analyzer: str, kind: str, prefix: str | None = None) -> str:
+    return f"{prefix or 'AI ' + analyzer} {SERIES_LABELS[kind]}"[:64]
+
+
+def algorithm_version(result: AnalysisResult) -> str:
+    """Analyzer version plus the model versions, e.g. ``1.0 (cxr-densenet 0.3)``."""
+    models = ", ".join(f"{m.name} {m.version}" for m in result.models)
+    return f"{result.analyzer_version} ({models})" if models else result.analyzer_version
+
+
+def contributing_equipment(result: AnalysisResult, ctx: EncoderContext) -> list[hd.ContributingEquipment]:
+    """One item per algorithm (model) that produced the result, as the IHE AI Results profile asks.
+
+    DICOM's tables have no "Processing Algorithm" purpose code; the closest in
+    CID 7005 (and the one highdicom accepts) is DCM 109102 Processing Equipment,
+    and the contribution description names the algorithm.
+    """
+    now = _dt.datetime.now()
+    items: list[hd.ContributingEquipment] = []
+    models = result.models or [None]
+    for model in models:
+        model_name = f"{result.analyzer}/{model.name}" if model else result.analyzer
+        versions = [result.analyzer_version] + ([model.version] if model else [])
+        item = hd.ContributingEquipment(
+            manufacturer=ctx.manufacturer,
+            purpose_of_reference=codes.DCM.ProcessingEquipment,
+            manufacturer_model_name=model_name[:64],
+            software_versions=versions,
+            device_serial_number=(model.sha256[:16] if model and model.sha256 else ctx.device_serial),
+            institution_name=ctx.institution or None,
+            station_name=ctx.station_name or None,
+            contribution_datetime=now,
+            contribution_description=_contribution(result, model)[:1024],
+        )
+        item.DeviceUID = stable_uid("algorithm", ctx.manufacturer, result.analyzer, model.name if model else "", model.version if model else "")
+        items.append(item)
+    return items
+
+
+def _contribution(result: AnalysisResult, model) -> str:
+    text = f"Processing Algorithm: {result.analyzer} {result.analyzer_version}"
+    if model is not None:
+        text += f", model {model.name} {model.version} (sha256 {model.sha256[:12]})"
+        if model.phantom_trained:
+            text += "; weights trained on phantoms, not for clinical use"
+    return text
+
+
+# Patient and study attributes copied from the source so results file into the same study.
+_COPIED = (
+    "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex", "PatientAge",
+    "PatientWeight", "PatientSize", "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID",
+    "AccessionNumber", "ReferringPhysicianName", "StudyDescription", "IssuerOfAccessionNumberSequence",
+    "OtherPatientIDsSequence",
+)
+
+
+def finish(ds: pydicom.Dataset, source: pydicom.Dataset, ctx: EncoderContext, description: str) -> pydicom.Dataset:
+    """Attributes every result object carries, set after highdicom built it."""
+    for kw in _COPIED:
+        if kw in source and kw not in ds:
+            setattr(ds, kw, source[kw].value)
+    ds.SpecificCharacterSet = "ISO_IR 100" if _latin1(ds) else "ISO_IR 192"
+    ds.SeriesDescription = description
+    now = _dt.datetime.now()
+    ds.InstanceCreationDate = now.strftime("%Y%m%d")
+    ds.InstanceCreationTime = now.strftime("%H%M%S")
+    ds.SeriesDate = ds.InstanceCreationDate
+    ds.SeriesTime = ds.InstanceCreationTime
+    ds.Manufacturer = ctx.manufacturer
+    ds.ManufacturerModelName = ctx.model_name
+    ds.SoftwareVersions = ctx.software_version
+    ds.DeviceSerialNumber = ctx.device_serial
+    if ctx.institution:
+        ds.InstitutionName = ctx.institution
+    if ctx.station_name:
+        ds.StationName = ctx.station_name
+    if ds.SOPClassUID != COMPREHENSIVE_3D_SR:
+        for kw in ("BodyPartExamined", "Laterality"):
+            if kw in source and kw not in ds:
+                setattr(ds, kw, source[kw].value)
+    if "PatientOrientation" not in ds and ds.SOPClassUID in (SEGMENTATION, SECONDARY_CAPTURE):
+        ds.PatientOrientation = source.get("PatientOrientation", "")
+    scheme = pydicom.Dataset()
+    scheme.CodingSchemeDesignator = PRIVATE_SCHEME
+    scheme.CodingSchemeName = "dicomnode project codes"
+    scheme.CodingSchemeResponsibleOrganization = ctx.manufacturer
+    ds.CodingSchemeIdentificationSequence = [scheme]
+    if "ReferencedPerformedProcedureStepSequence" in source:
+        ds.ReferencedPerformedProcedureStepSequence = source.ReferencedPerformedProcedureStepSequence
+    return ds
+
+
+def _latin1(ds: pydicom.Dataset) -> bool:
+    """Whether every text value fits Latin-1 (DCMTK's checkers do not support UTF-8 fully)."""
+    for elem in ds.iterall():
+        values = elem.value if isinstance(elem.value, (list, tuple, pydicom.multival.MultiValue)) else [elem.value]
+        for v in values:
+            if isinstance(v, (str, pydicom.valuerep.PersonName)):
+                try:
+                    str(v).encode("latin-1")
+                except UnicodeEncodeError:
+                    return False
+    return True
+
+
+def source_dataset(study: Study, ref: SourceRef, what: str) -> pydicom.Dataset:
+    try:
+        return study.instance(ref.sop_instance_uid).dataset
+    except KeyError:
+        raise EncodingError(f"{what} refers to instance {ref.sop_instance_uid}, which is not in study {study.study_instance_uid}") from None
+
+
+def check_frame(ds: pydicom.Dataset, ref: SourceRef, what: str) -> None:
+    n = int(ds.get("NumberOfFrames", 1) or 1)
+    if not 1 <= ref.frame <= n:
+        raise EncodingError(f"{what} refers to frame {ref.frame} of instance {ref.sop_instance_uid}, which has {n} frame(s)")
+
+
+def is_multiframe(ds: pydicom.Dataset) -> bool:
+    return int(ds.get("NumberOfFrames", 1) or 1) > 1
+
+
+def unique(refs: Iterable[SourceRef]) -> list[SourceRef]:
+    out: list[SourceRef] = []
+    for r in refs:
+        if r not in out:
+            out.append(r)
+    return out
+
+
+__all__ = [
+    "EncoderContext",
+    "EncodingError",
+    "algorithm_version",
+    "contributing_equipment",
+    "finish",
+    "new_uid",
+    "series_description",
+    "series_number",
+    "stable_uid",
+]

@@ -1,0 +1,154 @@
+"""DICOM Segmentation objects (binary or fractional) from an analysis result's masks."""
+
+from __future__ import annotations
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.sr.codedict import codes
+
+from analyzers.base import AnalysisResult, Segmentation, Study
+from sr_templates.loader import Template
+
+from .common import (
+    EncoderContext,
+    EncodingError,
+    algorithm_version,
+    contributing_equipment,
+    finish,
+    is_multiframe,
+    new_uid,
+    series_description,
+    series_number,
+    source_dataset,
+)
+
+# Distinct display colours (RGB) for segments, in order.
+_PALETTE = [
+    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 190), (0, 128, 128), (170, 110, 40),
+]
+
+
+def encode_segmentations(result: AnalysisResult, study: Study, ctx: EncoderContext, template: Template) -> list[pydicom.Dataset]:
+    """One SEG instance per :class:`Segmentation` of the result, all in one new series.
+
+    Raises
+    ------
+    EncodingError
+        When a segment key is not in the template, or the masks do not line up
+        with their source frames.
+    """
+    if not result.segmentations:
+        return []
+    series_uid = new_uid()
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=result.analyzer,
+        family=codes.cid7162.ArtificialIntelligence,
+        version=algorithm_version(result)[:64],
+    )
+    return [
+        _encode_one(result, study, ctx, template, seg, algorithm, series_uid, number)
+        for number, seg in enumerate(result.segmentations, start=1)
+    ]
+
+
+def _encode_one(result, study, ctx, template, seg: Segmentation, algorithm, series_uid: str, number: int) -> pydicom.Dataset:
+    where = template.path or f"{result.analyzer}.yaml"
+    for key in seg.segments:
+        if key not in template.segments:
+            raise EncodingError(f"{result.analyzer}: segment {key!r} is not in segments of {where}")
+    sources, masks = _align(result, study, seg)
+    descriptions = []
+    for index, key in enumerate(seg.segments, start=1):
+        spec = template.segments[key]
+        description = hd.seg.SegmentDescription(
+            segment_number=index,
+            segment_label=spec.label[:64],
+            segmented_property_category=spec.category,
+            segmented_property_type=spec.type,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+            tracking_uid=new_uid(),
+            tracking_id=f"{result.analyzer} {spec.label}"[:64],
+            display_color=hd.color.CIELabColor.from_rgb(*_PALETTE[(index - 1) % len(_PALETTE)]),
+        )
+        if spec.laterality is not None:
+            description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [spec.laterality]
+        descriptions.append(description)
+    if seg.fractional:
+        pixels = np.clip(np.nan_to_num(masks.astype(np.float32)), 0.0, 1.0)
+        seg_type = hd.seg.SegmentationTypeValues.FRACTIONAL
+    else:
+        pixels = masks.astype(bool)
+        seg_type = hd.seg.SegmentationTypeValues.BINARY
+    description = series_description(result.analyzer, "SEG", template.series_description)
+    try:
+        obj = hd.seg.Segmentation(
+            source_images=sources,
+            pixel_array=pixels,
+            segmentation_type=seg_type,
+            segment_descriptions=descriptions,
+            series_instance_uid=series_uid,
+            series_number=series_number(ctx, result.analyzer, "SEG"),
+            sop_instance_uid=new_uid(),
+            instance_number=number,
+            manufacturer=ctx.manufacturer,
+            manufacturer_model_name=ctx.model_name,
+            software_versions=ctx.software_version,
+            device_serial_number=ctx.device_serial,
+            fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
+            content_description=f"{result.analyzer} {result.analyzer_version} segmentation"[:64],
+            content_label="AI_SEG",
+            content_creator_name=None,
+            omit_empty_frames=True,
+            contributing_equipment=contributing_equipment(result, ctx),
+        )
+    except ValueError as exc:
+        if "empty" in str(exc).lower() or "no frames" in str(exc).lower():
+            raise EncodingError(f"{result.analyzer}: segmentation {number} has empty masks for every segment") from exc
+        raise
+    if "FrameOfReferenceUID" not in sources[0]:
+        _drop_incomplete_pixel_measures(obj)
+    return finish(obj, sources[0], ctx, description)
+
+
+def _drop_incomplete_pixel_measures(obj: pydicom.Dataset) -> None:
+    """Projection images have no slice thickness: highdicom then writes a Pixel Measures item that
+    it cannot read back, and the mask aligns pixel for pixel with the source anyway."""
+    shared = obj.SharedFunctionalGroupsSequence[0]
+    measures = shared.get("PixelMeasuresSequence")
+    if measures and "SliceThickness" not in measures[0]:
+        del shared.PixelMeasuresSequence
+
+
+def _align(result: AnalysisResult, study: Study, seg: Segmentation) -> tuple[list[pydicom.Dataset], np.ndarray]:
+    """Source datasets and masks in the frame order highdicom expects."""
+    uids = list(dict.fromkeys(s.sop_instance_uid for s in seg.sources))
+    datasets = [source_dataset(study, s, f"segmentation of {','.join(seg.segments)}") for s in seg.sources[:1]]
+    if len(uids) == 1 and is_multiframe(datasets[0]):
+        ds = datasets[0]
+        n = int(ds.NumberOfFrames)
+        full = np.zeros((n, *seg.masks.shape[1:]), dtype=seg.masks.dtype)
+        for i, ref in enumerate(seg.sources):
+            if not 1 <= ref.frame <= n:
+                raise EncodingError(f"segmentation frame {i} refers to frame {ref.frame} of a {n}-frame source")
+            full[ref.frame - 1] = seg.masks[i]
+        _check_shape(ds, full)
+        return [ds], full
+    if len(uids) != len(seg.sources):
+        raise EncodingError("segmentation refers to the same single-frame source image twice; give one mask frame per source image")
+    datasets = [source_dataset(study, s, "segmentation") for s in seg.sources]
+    for ds in datasets:
+        _check_shape(ds, seg.masks)
+    series = {str(ds.SeriesInstanceUID) for ds in datasets}
+    if len(series) > 1:
+        raise EncodingError("segmentation masks span several series; a SEG must refer to frames of one series")
+    return datasets, seg.masks
+
+
+def _check_shape(ds: pydicom.Dataset, masks: np.ndarray) -> None:
+    if masks.shape[1:3] != (int(ds.Rows), int(ds.Columns)):
+        raise EncodingError(
+            f"segmentation masks are {masks.shape[2]}x{masks.shape[1]} but source {ds.SOPInstanceUID} is {ds.Columns}x{ds.Rows}"
+        )

@@ -1,0 +1,148 @@
+"""Encoders on the fixture analyzer's result over a synthetic CR image."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pydicom
+import pytest
+
+from analyzers.base import Finding, Region, Segmentation, SourceRef, Study
+from dicomnode.encoders import EncoderContext, EncodingError, encode_result, series_number
+from dicomnode.encoders.sc import CAPTION
+from sr_templates.loader import load_template
+from tests.encoders.checks import SC_CLASS, SEG_CLASS, SR_CLASS, check_all
+from tests.encoders.results import FIXTURE_DIR, cr_study, fixture_result
+
+
+@pytest.fixture(scope="module")
+def template():
+    return load_template("fixture_spine", FIXTURE_DIR)
+
+
+@pytest.fixture()
+def study() -> Study:
+    return cr_study()
+
+
+def test_every_object_is_valid_and_reads_back(study, template, tmp_path):
+    result = fixture_result(study)
+    objects = encode_result(result, study, EncoderContext(), template)
+    paths = check_all(objects, result, template, study, tmp_path)
+    assert sorted(len(v) for v in paths.values()) == [1, 1, 1, 1]
+
+
+def test_sr_text_names_device_and_notice(study, template, tmp_path):
+    from tests.encoders.checks import assert_dsrdump_clean
+
+    result = fixture_result(study)
+    ctx = EncoderContext(manufacturer="Example Hospital IT", model_name="node-a", device_serial="SN42", institution="Example Hospital")
+    sr = encode_result(result, study, ctx, template)[0]
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    text = assert_dsrdump_clean(path)
+    for expected in (
+        'Device Observer Manufacturer")="Example Hospital IT"',
+        'Device Observer Model Name")="node-a"',
+        'Device Observer Serial Number")="SN42"',
+        "Not evaluated by this model",
+        'Procedure reported")=(DN-TST-PROC',
+        "Best illustration of finding",
+        "Tracking Unique Identifier",
+    ):
+        assert expected in text, expected
+    assert sr.SeriesNumber == series_number(ctx, "fixture_spine", "SR")
+    assert sr.InstitutionName == "Example Hospital"
+    assert sr.SeriesDescription == "AI fixture_spine SR"
+
+
+def test_series_numbers_differ_per_object_type_and_follow_the_base(study, template):
+    result = fixture_result(study)
+    objects = encode_result(result, study, EncoderContext(series_number_base=7000), template)
+    numbers = {str(ds.SOPClassUID): int(ds.SeriesNumber) for ds in objects}
+    assert len(set(numbers.values())) == len(objects) == 4
+    assert all(7000 <= n < 8000 for n in numbers.values())
+    assert numbers[SR_CLASS] != numbers[SEG_CLASS] != numbers[SC_CLASS]
+    assert len({ds.SeriesInstanceUID for ds in objects}) == 4
+
+
+def test_performed_procedure_step_is_referenced_when_known(template):
+    study = cr_study(seed=3)
+    src = study.series[0].instances[0].dataset
+    item = pydicom.Dataset()
+    item.ReferencedSOPClassUID = "1.2.840.10008.3.1.2.3.3"
+    item.ReferencedSOPInstanceUID = "1.2.3.4.5"
+    src.ReferencedPerformedProcedureStepSequence = [item]
+    for ds in encode_result(fixture_result(study), study, EncoderContext(), template):
+        assert ds.ReferencedPerformedProcedureStepSequence[0].ReferencedSOPInstanceUID == "1.2.3.4.5"
+
+
+def test_group_without_region_is_refused(study, template):
+    result = fixture_result(study)
+    result.findings.append(Finding("fracture", True, probability=0.9, group="L4"))
+    with pytest.raises(EncodingError, match="group 'L4' has no image region"):
+        encode_result(result, study, EncoderContext(), template)
+
+
+def test_unknown_key_and_wrong_unit_are_refused(study, template):
+    result = fixture_result(study)
+    result.findings.append(Finding("effusion", True))
+    with pytest.raises(EncodingError, match="'effusion' is not in findings"):
+        encode_result(result, study, EncoderContext(), template)
+    result = fixture_result(study)
+    result.measurements[0] = dataclasses.replace(result.measurements[0], unit="cm")
+    with pytest.raises(EncodingError, match="declares 'mm'"):
+        encode_result(result, study, EncoderContext(), template)
+
+
+def test_region_outside_image_or_study_is_refused(study, template):
+    result = fixture_result(study)
+    src = result.sources[0]
+    result.regions.append(Region("corner", "point", [[5000, 10]], src, group="L3"))
+    with pytest.raises(EncodingError, match="outside"):
+        encode_result(result, study, EncoderContext(), template)
+    result = fixture_result(study)
+    result.regions.append(Region("corner", "point", [[5, 10]], SourceRef("1.2.3.999"), group="L3"))
+    with pytest.raises(EncodingError, match="not in study"):
+        encode_result(result, study, EncoderContext(), template)
+
+
+def test_result_with_only_study_level_findings_gets_an_image_group(study, template, tmp_path):
+    result = fixture_result(study)
+    result.regions, result.measurements, result.segmentations = [], [], []
+    result.findings = [f for f in result.findings if f.group is None]
+    objects = encode_result(result, study, EncoderContext(), template)
+    assert [str(ds.SOPClassUID) for ds in objects] == [SR_CLASS, SC_CLASS]
+    paths = check_all(objects, result, template, study, tmp_path)
+    import highdicom as hd
+
+    groups = hd.sr.srread(paths[SR_CLASS][0]).content.get_planar_roi_measurement_groups()
+    assert [g.tracking_identifier for g in groups] == ["Analysed image"]
+
+
+def test_clinical_weights_drop_the_notice_and_fractional_seg_reads_back(study, template, tmp_path):
+    result = fixture_result(study)
+    result.models = [dataclasses.replace(m, phantom_trained=False) for m in result.models]
+    masks = np.zeros((1, study.series[0].instances[0].dataset.Rows, study.series[0].instances[0].dataset.Columns, 1), np.float32)
+    masks[0, 50:90, 40:80, 0] = np.linspace(0.2, 1.0, 40)[None, :]
+    result.segmentations = [Segmentation(["spine"], masks, result.sources[:1], fractional=True)]
+    result.review_required, result.review_reasons = False, []
+    objects = encode_result(result, study, EncoderContext(), template)
+    check_all(objects, result, template, study, tmp_path)
+    sc = next(ds for ds in objects if str(ds.SOPClassUID) == SC_CLASS)
+    assert "not for clinical use" not in sc.ImageComments and CAPTION in sc.ImageComments
+
+
+def test_heatmap_shape_mismatch_is_refused(study, template):
+    result = fixture_result(study)
+    result.heatmaps[0].data = result.heatmaps[0].data[:10]
+    with pytest.raises(EncodingError, match="must match the source frame"):
+        encode_result(result, study, EncoderContext(), template)
+
+
+def test_device_uid_is_stable_and_depends_on_identity():
+    a, b = EncoderContext(), EncoderContext()
+    assert a.device_uid == b.device_uid and a.device_uid.startswith("1.2.826.0.1.3680043.10.1137.")
+    assert EncoderContext(device_serial="2").device_uid != a.device_uid
+    assert EncoderContext(device_uid="1.2.3").device_uid == "1.2.3"
