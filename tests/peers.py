@@ -49,6 +49,26 @@ def storescu(port: int, files: list[Path] | list[str], aet: str = "STORESCU", ae
     return subprocess.run(cmd, env=PEER_ENV, capture_output=True, text=True, timeout=timeout)
 
 
+# storescu proposes one compressed transfer syntax family per run (it cannot transcode JPEG 2000).
+_TS_FLAG = {
+    "1.2.840.10008.1.2.4.90": "-xv", "1.2.840.10008.1.2.4.91": "-xw", "1.2.840.10008.1.2.4.70": "-xs",
+    "1.2.840.10008.1.2.4.57": "-xs", "1.2.840.10008.1.2.4.50": "-xy", "1.2.840.10008.1.2.4.51": "-xx",
+    "1.2.840.10008.1.2.4.80": "-xt", "1.2.840.10008.1.2.4.81": "-xu", "1.2.840.10008.1.2.5": "-xr",
+}
+
+
+def storescu_each_syntax(port: int, files: list[Path], **kw: Any) -> list[subprocess.CompletedProcess]:
+    """Send files in their own transfer syntaxes: one storescu run per compressed syntax family."""
+    from pydicom import dcmread
+
+    groups: dict[str, list[Path]] = {}
+    for f in files:
+        ds = dcmread(f, stop_before_pixels=True, force=True)
+        ts = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
+        groups.setdefault(_TS_FLAG.get(ts, ""), []).append(f)
+    return [storescu(port, group, extra=["-R", *([flag] if flag else [])], **kw) for flag, group in groups.items()]
+
+
 def echoscu(port: int, aet: str = "ECHOSCU", aec: str = "DICOMNODE") -> subprocess.CompletedProcess:
     return subprocess.run([str(DCMTK / "echoscu"), "-aet", aet, "-aec", aec, "127.0.0.1", str(port)],
                           env=PEER_ENV, capture_output=True, text=True, timeout=60)

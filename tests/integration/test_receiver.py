@@ -1,0 +1,145 @@
+"""The receiver against real senders: DCMTK storescu/echoscu and a pynetdicom SCU for broken input."""
+
+import copy
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+
+from analyzers.phantoms import CR_IMAGE, CT_IMAGE, PhantomPatient, image_dataset, save
+from dicomnode.config import Config
+from dicomnode.receiver import Receiver
+from dicomnode.store import Store
+from tests.peers import echoscu, storescu, storescu_each_syntax
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture()
+def node(tmp_path):
+    cfg = Config.model_validate({
+        "node": {"host": "127.0.0.1", "port": 0, "network_timeout": 10},
+        "storage": {"data_dir": str(tmp_path / "data")},
+        "callers": [{"ae_title": "STORESCU", "host": "127.0.0.1"}, {"ae_title": "ECHOSCU"}, {"ae_title": "PYSCU"}],
+    })
+    store = Store(cfg.data_dir)
+    rx = Receiver(cfg, store)
+    rx.start()
+    yield rx, store
+    rx.stop()
+
+
+def spool_files(store):
+    return sorted(store.spool.rglob("*.dcm"))
+
+
+def phantom_files(folder: Path, n: int, modality="CT", size=64) -> list[Path]:
+    rng = np.random.default_rng(7)
+    pat = PhantomPatient.make(rng, "rx", 1)
+    series = "1.2.826.0.1.3680043.10.1137.99.1"
+    out = []
+    for i in range(n):
+        ds = image_dataset((rng.random((size, size)) * 4000).astype(np.uint16), patient=pat, modality=modality,
+                           sop_class_uid=CT_IMAGE if modality == "CT" else CR_IMAGE, series_uid=series, instance_number=i + 1)
+        out.append(save(ds, folder))
+    return out
+
+
+def test_storescu_study_is_stored_and_indexed(node, tmp_path):
+    rx, store = node
+    files = phantom_files(tmp_path / "in", 12)
+    r = storescu(rx.port, files)
+    assert r.returncode == 0, r.stderr
+    stored = spool_files(store)
+    assert len(stored) == 12
+    study = store.studies()[0]
+    assert study["n_instances"] == 12 and study["calling_ae"] == "STORESCU" and study["mods"] == "CT"
+    src = pydicom.dcmread(files[0])
+    copy = pydicom.dcmread(store.spool / src.StudyInstanceUID / src.SeriesInstanceUID / f"{src.SOPInstanceUID}.dcm")
+    assert copy.PixelData == src.PixelData and copy.PatientID == src.PatientID
+    assert echoscu(rx.port).returncode == 0
+
+
+def test_unknown_caller_is_rejected_at_association(node, tmp_path):
+    rx, store = node
+    files = phantom_files(tmp_path / "in", 1)
+    r = storescu(rx.port, files, aet="INTRUDER")
+    assert r.returncode != 0 and "Calling AE Title Not Recognized" in r.stderr
+    assert spool_files(store) == []
+
+
+def _scu_store(port, ds_or_path, sop_class, ts="1.2.840.10008.1.2.1"):
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(sop_class, [ts])
+    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    status = assoc.send_c_store(ds_or_path)
+    assoc.release()
+    return status
+
+
+def test_broken_input_gets_failure_status_and_leaves_no_file(node, tmp_path):
+    rx, store = node
+    good = pydicom.dcmread(phantom_files(tmp_path / "in", 1)[0])
+
+    no_study = copy.deepcopy(good)
+    del no_study.StudyInstanceUID
+    status = _scu_store(rx.port, no_study, CT_IMAGE)
+    assert status.Status == 0xC000 and "StudyInstanceUID" in status.ErrorComment
+
+    bad_class = copy.deepcopy(good)
+    bad_class.SOPClassUID = "1.2.840.10008.5.1.4.1.1.999"
+    bad_class.file_meta.MediaStorageSOPClassUID = bad_class.SOPClassUID
+    status = _scu_store(rx.port, bad_class, bad_class.SOPClassUID)
+    assert status.Status == 0x0122
+
+    truncated = tmp_path / "truncated.dcm"
+    data = Path(good.filename).read_bytes()
+    truncated.write_bytes(data[: len(data) - 3000])
+    status = _scu_store(rx.port, truncated, CT_IMAGE)
+    assert status.Status == 0xC000
+
+    assert spool_files(store) == [] and list(store.tmp.iterdir()) == []
+    assert echoscu(rx.port).returncode == 0  # still serving
+
+
+def test_real_world_files_are_accepted_byte_for_byte(node, realdata, tmp_path):
+    rx, store = node
+    picks = [
+        "pydicom-data/data_store/data/RG1_J2KI.dcm",          # JPEG 2000 lossy, MONOCHROME1, CR
+        "pydicom-data/data_store/data/693_J2KR.dcm",          # JPEG 2000 lossless CT
+        "pydicom-data/data_store/data/eCT_Supplemental.dcm",  # enhanced multi-frame CT
+        "pydicom-data/data_store/data/emri_small.dcm",        # enhanced MR
+        "fo-dicom/Tests/FO-DICOM.Tests/Test Data/CR-MONO1-10-chest",  # no file meta
+        "fo-dicom/Tests/FO-DICOM.Tests/Test Data/IM-0001-0001-0001.dcm",  # JPEG lossless
+        "dcmqi/data/sr-example/sr.dcm",                       # TID 1500 SR
+        "dcmqi/data/sr-example/seg.dcm",                      # SEG
+    ]
+    files = [realdata / p for p in picks]
+    jpeg = tmp_path / "jpeg_baseline.dcm"  # JPEG baseline made by DCMTK from an 8-bit phantom
+    rng = np.random.default_rng(3)
+    ds8 = image_dataset((rng.random((128, 128)) * 255).astype(np.uint8), patient=PhantomPatient.make(rng, "rx", 2),
+                        modality="CR", bits_stored=8)
+    raw8 = save(ds8, tmp_path / "u8")
+    if shutil.which("dcmcjpeg"):
+        subprocess.run(["dcmcjpeg", "+eb", str(raw8), str(jpeg)], check=True, capture_output=True)
+        files.append(jpeg)
+    for r in storescu_each_syntax(rx.port, files):  # each file in its own transfer syntax, as a PACS sends
+        assert r.returncode == 0, r.stderr
+    assert len(spool_files(store)) == len(files)
+    for f in files:
+        src = pydicom.dcmread(f, force=True)
+        copy = pydicom.dcmread(store.spool / src.StudyInstanceUID / src.SeriesInstanceUID / f"{src.SOPInstanceUID}.dcm")
+        src_ts = getattr(getattr(src, "file_meta", None), "TransferSyntaxUID", None)
+        if src_ts is not None and src_ts.is_compressed:
+            assert copy.file_meta.TransferSyntaxUID == src_ts, f.name
+            assert copy.PixelData == src.PixelData, f.name
+        assert copy.SOPInstanceUID == src.SOPInstanceUID
+        assert len(copy) == len(src), f.name
+    assert {r["sop_class_uid"] for r in store.db.execute("SELECT sop_class_uid FROM instances")} >= {
+        "1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.2.1"}
