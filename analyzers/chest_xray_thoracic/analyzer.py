@@ -1,0 +1,248 @@
+"""The ``chest_xray_thoracic`` analyzer: lungs and heart, cardiothoracic ratio, 14 thoracic findings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar, Sequence
+
+import numpy as np
+import structlog
+
+from analyzers.base import (
+    AnalysisResult,
+    Analyzer,
+    AnalyzerError,
+    Finding,
+    Heatmap,
+    Instance,
+    Measurement,
+    ModelInfo,
+    NotApplicable,
+    Outputs,
+    Region,
+    Segmentation,
+    Series,
+    SourceRef,
+    Study,
+)
+from analyzers.imaging import resize
+from analyzers.runtime import OnnxModel, resolve_entry
+
+from . import preprocess
+from .model import INPUT_SIZE, LABELS
+from .postprocess import cardiothoracic_ratio, clean_masks, outline
+
+log = structlog.get_logger("dicomnode.analyzers.chest_xray_thoracic")
+
+WEIGHTS = Path(__file__).resolve().parent / "weights"
+SEGMENTER = "lung_heart_unet"
+CLASSIFIER = "thoracic_classifier"
+SEGMENTS = ("right_lung", "left_lung", "heart")
+FINDING_KEYS = {label: label.lower() for label in LABELS}
+"""ChestX-ray14 label -> template key (``Pleural_Thickening`` -> ``pleural_thickening``)."""
+GROUP = "Image"
+REVIEW_MARGIN = 0.05
+"""A probability this close to its operating point asks for a person's look."""
+
+
+class ChestXrayThoracic(Analyzer):
+    """Frontal chest radiograph: U-Net lungs and heart, attention DenseNet with lung/heart feature weighting.
+
+    Options (``AnalyzerSettings.options``): ``operating_points`` maps a label
+    (``"Effusion"`` or ``"effusion"``) to a probability cut that replaces the
+    one stored with the weights (chosen on validation data).
+    """
+
+    name: ClassVar[str] = "chest_xray_thoracic"
+    version: ClassVar[str] = "1.0.0"
+    title: ClassVar[str] = "Chest radiograph: lungs, heart, cardiothoracic ratio and 14 thoracic findings"
+    outputs: ClassVar[Outputs] = Outputs(
+        findings={key: "boolean" for key in FINDING_KEYS.values()},
+        measurements={"cardiothoracic_ratio": "1"},
+        regions=tuple(f"{s}_outline" for s in SEGMENTS),
+        segments=SEGMENTS,
+    )
+
+    def __init__(self, settings=None) -> None:
+        super().__init__(settings)
+        self._seg: OnnxModel | None = None
+        self._cls: OnnxModel | None = None
+
+    # -- models -------------------------------------------------------------
+
+    def _entries(self):
+        return (
+            resolve_entry(self.settings, SEGMENTER, WEIGHTS / f"{SEGMENTER}.json"),
+            resolve_entry(self.settings, CLASSIFIER, WEIGHTS / f"{CLASSIFIER}.json"),
+        )
+
+    def load(self) -> None:
+        if self._seg is not None and self._cls is not None:
+            return
+        seg_entry, cls_entry = self._entries()
+        for entry in (seg_entry, cls_entry):
+            size = int(entry.extra.get("input_size", INPUT_SIZE))
+            if size != INPUT_SIZE:
+                raise AnalyzerError(f"model {entry.name!r} expects {size}-pixel input; this analyzer feeds {INPUT_SIZE}")
+        labels = tuple(cls_entry.extra.get("labels", LABELS))
+        if labels != LABELS:
+            raise AnalyzerError(f"model {cls_entry.name!r} outputs labels {labels}; the analyzer needs the 14 ChestX-ray14 labels in order {LABELS}")
+        self._seg = OnnxModel(seg_entry, self.settings.device)
+        self._cls = OnnxModel(cls_entry, self.settings.device)
+
+    def models(self) -> list[ModelInfo]:
+        if self._seg is not None and self._cls is not None:
+            return [self._seg.entry.info(), self._cls.entry.info()]
+        return [e.info() for e in self._entries()]
+
+    def warmup(self) -> None:
+        self.load()
+        x = np.zeros((1, 3, INPUT_SIZE, INPUT_SIZE), np.float32)
+        self._seg(image=x)
+        self._cls(image=x, mask=np.ones((1, 1, INPUT_SIZE, INPUT_SIZE), np.float32))
+
+    def operating_points(self) -> dict[str, float]:
+        """Probability cut per evaluated label: configured, else stored with the weights, else 0.5."""
+        self.load()
+        extra = self._cls.entry.extra
+        ops = {k: float(v) for k, v in (extra.get("operating_points") or {}).items()}
+        by_key = {v: k for k, v in FINDING_KEYS.items()}
+        for k, v in (self.settings.options.get("operating_points") or {}).items():
+            label = k if k in FINDING_KEYS else by_key.get(str(k))
+            if label is None:
+                raise AnalyzerError(f"operating_points names {k!r}, which is not one of the 14 labels ({', '.join(LABELS)})")
+            ops[label] = float(v)
+        return {label: ops.get(label, 0.5) for label in self.evaluated_labels()}
+
+    def evaluated_labels(self) -> tuple[str, ...]:
+        self.load()
+        return tuple(l for l in LABELS if l in set(self._cls.entry.extra.get("evaluated_labels", LABELS)))
+
+    # -- contract -----------------------------------------------------------
+
+    def select(self, study: Study) -> list[Series]:
+        usable, reasons = [], []
+        for series in study.series:
+            try:
+                self._frontal_instance(series)
+                usable.append(series)
+            except NotApplicable as exc:
+                reasons.append(str(exc))
+        if not usable:
+            if len(set(reasons)) == 1:
+                raise NotApplicable(reasons[0])
+            raise NotApplicable("no frontal chest CR/DX image in the study; " + "; ".join(sorted(set(reasons))))
+
+        def rank(series: Series) -> tuple[int, int]:
+            view = str(self._frontal_instance(series).header().get("ViewPosition", "") or "").upper()
+            return ({"PA": 0, "AP": 1}.get(view, 2), -len(series.instances))
+
+        return sorted(usable, key=rank)[:1]
+
+    @staticmethod
+    def _frontal_instance(series: Series) -> Instance:
+        if not series.instances:
+            raise NotApplicable(f"series {series.series_instance_uid} has no instances")
+        first_reason = None
+        for inst in series.instances:
+            try:
+                preprocess.check_header(inst.header())
+                return inst
+            except NotApplicable as exc:
+                first_reason = first_reason or str(exc)
+        raise NotApplicable(first_reason or "no usable image")
+
+    def analyze(self, inputs: Sequence[Series]) -> AnalysisResult:
+        if not inputs:
+            raise NotApplicable("no series given; this analyzer needs a frontal chest radiograph")
+        inst = self._frontal_instance(inputs[0])
+        prep = preprocess.prepare(inst.dataset)
+        src = SourceRef(inst.sop_instance_uid, 1)
+        self.load()
+        rows, cols = prep.display.shape
+
+        seg_prob = self._seg(image=prep.net_input[None])["seg_prob"][0]  # (4, 224, 224)
+        small = clean_masks(np.stack([seg_prob.argmax(0) == i + 1 for i in range(len(SEGMENTS))]))
+        full_prob = np.stack([resize(p, (rows, cols), order=1) for p in seg_prob])
+        masks = clean_masks(np.stack([full_prob.argmax(0) == i + 1 for i in range(len(SEGMENTS))]))
+        area = masks.reshape(3, -1).mean(1)
+        if area[0] + area[1] < 0.03:
+            raise NotApplicable("no lung fields were found; the image does not look like a frontal chest radiograph")
+
+        union = (small.any(0)).astype(np.float32)[None, None]
+        out = self._cls(image=prep.net_input[None], mask=union)
+        probs, evidence = out["probability"][0], out["evidence"][0]
+
+        review: list[str] = []
+        confidence = float(full_prob.max(0)[masks.any(0)].mean())
+        if confidence < 0.8:
+            review.append(f"lung/heart segmentation is uncertain (mean class probability {confidence:.2f} inside the masks)")
+        for name, a in zip(SEGMENTS, area):
+            if a < 0.01:
+                review.append(f"{name.replace('_', ' ')} is missing or very small in the segmentation")
+
+        findings, heatmaps = [], []
+        ops = self.operating_points()
+        for i, label in enumerate(LABELS):
+            key = FINDING_KEYS[label]
+            if label not in ops:
+                findings.append(Finding(key=key, value=None, group=GROUP, source=src))
+                continue
+            p = float(probs[i])
+            present = p >= ops[label]
+            hm_key = None
+            if present:
+                hm_key = f"{key}_evidence"
+                data = np.clip(resize(evidence[i], (rows, cols), order=1), 0.0, 1.0).astype(np.float32)
+                heatmaps.append(Heatmap(key=hm_key, finding=key, data=data, source=src, label=f"{label.replace('_', ' ')} evidence"))
+            if abs(p - ops[label]) < REVIEW_MARGIN:
+                review.append(f"{label.replace('_', ' ')} probability {p:.2f} is close to its operating point {ops[label]:.2f}")
+            findings.append(Finding(key=key, value=bool(present), probability=p, group=GROUP, source=src, heatmap=hm_key))
+
+        measurements = []
+        ctr = cardiothoracic_ratio(masks)
+        if np.isfinite(ctr):
+            measurements.append(Measurement(key="cardiothoracic_ratio", value=round(ctr, 4), unit="1", group=GROUP, source=src))
+        else:
+            review.append("the cardiothoracic ratio could not be measured (heart or a lung not found)")
+
+        regions = []
+        for name, m in zip(SEGMENTS, masks):
+            pts = outline(m)
+            if pts is not None:
+                regions.append(Region(key=f"{name}_outline", kind="polygon", points=pts, source=src, group=GROUP,
+                                      label=f"{name.replace('_', ' ').capitalize()} outline"))
+        if not regions:
+            raise AnalyzerError("no lung or heart outline could be traced although lung fields were found")
+        if len(regions) < len(SEGMENTS):
+            review.append("not every lung/heart outline could be traced")
+
+        seg = Segmentation(segments=list(SEGMENTS), masks=masks.transpose(1, 2, 0)[None].copy(), sources=[src])
+        log.info("analyzed", sop_instance_uid=inst.sop_instance_uid, present=[f.key for f in findings if f.value], ctr=round(ctr, 3) if np.isfinite(ctr) else None, review=len(review))
+        return self.result(
+            findings=findings,
+            measurements=measurements,
+            regions=regions,
+            segmentations=[seg],
+            heatmaps=heatmaps,
+            review_required=bool(review),
+            review_reasons=review,
+            sources=[src],
+        )
+
+    @classmethod
+    def write_phantoms(cls, out_dir: Path, n: int, seed: int) -> list[Path]:
+        from .phantom import write_phantoms
+
+        return write_phantoms(Path(out_dir), n, seed)
+
+
+def analyze_files(paths: Sequence[Path], analyzer: ChestXrayThoracic | None = None) -> AnalysisResult:
+    """Convenience for scripts: analyze DICOM files of one study."""
+    import pydicom
+
+    paths = [Path(p) for p in paths]
+    study = Study.from_datasets([pydicom.dcmread(p, force=True) for p in paths], paths)
+    a = analyzer or ChestXrayThoracic()
+    return a.analyze(a.select(study))
+
