@@ -20,6 +20,7 @@ from sr_templates.loader import PRIVATE_SCHEME
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 SEGMENTATION = "1.2.840.10008.5.1.4.1.1.66.4"
 SECONDARY_CAPTURE = SC_IMAGE
+GSPS = "1.2.840.10008.5.1.4.1.1.11.1"
 
 
 def stable_uid(*parts: str) -> str:
@@ -155,6 +156,8 @@ def finish(ds: pydicom.Dataset, source: pydicom.Dataset, ctx: EncoderContext, de
         for kw in ("BodyPartExamined", "Laterality"):
             if kw in source and kw not in ds:
                 setattr(ds, kw, source[kw].value)
+    if ds.SOPClassUID in (SECONDARY_CAPTURE, GSPS) and not any(k in ds for k in ("Laterality", "BodyPartExamined", "ImageLaterality")):
+        ds.Laterality = ""  # Type 2C: the body part is unknown, so whether it is paired is too
     if "PatientOrientation" not in ds and ds.SOPClassUID in (SEGMENTATION, SECONDARY_CAPTURE):
         ds.PatientOrientation = source.get("PatientOrientation", "")
     scheme = pydicom.Dataset()
