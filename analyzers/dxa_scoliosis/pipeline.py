@@ -1,0 +1,133 @@
+"""Inference maths shared by the analyzer and the held-out evaluation of ``train.py``.
+
+The networks are passed in as callables (ONNX Runtime sessions in the
+analyzer, the same sessions in the evaluation), so the figures in
+``metrics.json`` come from exactly the code path the node runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+from scipy import ndimage
+
+from .geometry import Curve, curves_from_angles, lateral_deviation, level_at, midline_angles
+from .preprocess import COLS, ROWS
+
+SegFn = Callable[[np.ndarray], np.ndarray]
+"""(B, 1, 416, 128) float32 -> Conv11 logits (B, 6, 416, 128)."""
+ClsFn = Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]]
+"""(image, soft mask) -> {"p_scoliosis", "p_positioning", "p_curves", "evidence"}."""
+
+LEFT_LEG, RIGHT_LEG = 4, 5
+HEAVISIDE_K = 10.0
+
+
+def heaviside(y: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-HEAVISIDE_K * (y - 0.5)))
+
+
+def mirror(soft: np.ndarray) -> np.ndarray:
+    """A (..., 6, rows, cols) part map of a flipped scan, seen in the unflipped scan (left and right legs swap)."""
+    out = soft[..., ::-1].copy()
+    out[..., [LEFT_LEG, RIGHT_LEG], :, :] = out[..., [RIGHT_LEG, LEFT_LEG], :, :]
+    return out
+
+
+def midpoints(y: np.ndarray, window: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Per part and row: sub-pixel mid-point (softmax expectation around the arg-max) and thickness.
+
+    ``y`` is (parts, rows, 128) Conv11 output; thickness is the sum of the
+    Heaviside-activated row, as in the paper.
+    """
+    thick = heaviside(y).sum(-1)
+    arg = np.argmax(y, axis=-1)
+    cols = np.arange(y.shape[-1])
+    near = np.abs(cols[None, None, :] - arg[..., None]) <= window
+    z = np.where(near, y, -np.inf)
+    z = z - z.max(-1, keepdims=True)
+    p = np.exp(z)
+    mid = (p * cols).sum(-1) / p.sum(-1)
+    return mid, thick
+
+
+def rebuild_masks(mid: np.ndarray, thick: np.ndarray) -> np.ndarray:
+    """Hard masks (parts, rows, 128) from mid-point and thickness per scan line."""
+    cols = np.arange(COLS)[None, None, :]
+    t = np.round(thick)[..., None]
+    return (t >= 1) & (np.abs(cols - mid[..., None]) < t / 2 + 1e-6)
+
+
+@dataclass
+class SpineGeometry:
+    rows: np.ndarray
+    cols: np.ndarray
+    angles: np.ndarray
+    curves: list[Curve]
+    cobb: float
+    main: Curve | None
+    apex_levels: list[str] = field(default_factory=list)
+
+
+def spine_geometry(mid: np.ndarray, thick: np.ndarray, sigma: float, min_swing: float = 4.0, min_rows: int = 40) -> SpineGeometry | None:
+    """The spine midline (longest run of rows with spine thickness) and its curves; None when too short."""
+    rows = thick >= 2.0
+    lab, n = ndimage.label(rows)
+    if n == 0:
+        return None
+    sizes = ndimage.sum(rows, lab, index=np.arange(1, n + 1))
+    k = int(np.argmax(sizes)) + 1
+    idx = np.flatnonzero(lab == k)
+    if len(idx) < min_rows:
+        return None
+    r = idx.astype(np.float64)
+    c = mid[idx].astype(np.float64)
+    angles = midline_angles(r, c, sigma)
+    curves = curves_from_angles(angles, min_swing=min_swing)
+    main = max(curves, key=lambda cv: cv.cobb) if curves else None
+    span = max(len(idx) - 1, 1)
+    levels = [level_at(cv.apex / span) for cv in curves if cv.cobb >= 10.0]
+    return SpineGeometry(r, c, angles, curves, float(main.cobb) if main else 0.0, main, levels)
+
+
+@dataclass
+class Prediction:
+    p_scoliosis: float
+    p_positioning: float
+    p_curves: np.ndarray
+    logits: np.ndarray
+    """Conv11 output of the unflipped pass, (6, 416, 128)."""
+    mid: np.ndarray
+    thick: np.ndarray
+    masks: np.ndarray
+    evidence: np.ndarray
+    """Scoliosis evidence on the 416 x 128 grid, [0, 1]."""
+    geometry: SpineGeometry | None
+
+
+def predict(x: np.ndarray, seg: SegFn, cls: ClsFn, sigma: float, min_swing: float = 4.0) -> Prediction:
+    """Both networks on a normalised scan and its mirror image; averages as in the paper's test-time flip."""
+    batch = np.stack([x, x[:, ::-1]])[:, None].astype(np.float32)
+    y = seg(batch)
+    out = cls(batch, y.astype(np.float32))
+    p_s = float(out["p_scoliosis"][:, 1].mean())
+    p_p = float(out["p_positioning"][:, 1].mean())
+    p_c = out["p_curves"].mean(0)
+    ev_small = (out["evidence"][0] + out["evidence"][1][:, ::-1]) / 2
+    ev = ndimage.zoom(ev_small, (ROWS / ev_small.shape[0], COLS / ev_small.shape[1]), order=1, grid_mode=True, mode="nearest")
+    ev = np.clip(ev / max(float(ev.max()), 1e-6), 0, 1)
+    mid0, th0 = midpoints(y[0])
+    mid1, th1 = midpoints(mirror(y[1][None])[0])
+    mid = (mid0 + mid1) / 2
+    thick = (th0 + th1) / 2
+    masks = rebuild_masks(mid, thick)
+    geo = spine_geometry(mid[1], thick[1], sigma, min_swing)
+    return Prediction(p_s, p_p, p_c, y[0], mid, thick, masks, ev.astype(np.float32), geo)
+
+
+def deviation_mm(geo: SpineGeometry, curve: Curve, mm_per_px: float) -> tuple[int, float]:
+    """Index along the midline and lateral deviation in mm of a curve's most deviated point."""
+    i, d = lateral_deviation(geo.rows, geo.cols, curve)
+    return i, d * mm_per_px
