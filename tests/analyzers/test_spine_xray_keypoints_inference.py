@@ -1,0 +1,96 @@
+"""The array pipeline of spine_xray_keypoints with stand-in networks: decoding, MC sigma, classes, calibration."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from analyzers.base import UncertaintyClass
+from analyzers.spine_xray_keypoints import inference, preprocess
+from analyzers.spine_xray_keypoints.mensuration import CERVICAL
+
+GRID = 16
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+def _grid(boxes: dict[int, tuple[float, float, float, float]], n_cls: int = 5) -> np.ndarray:
+    """A detector output holding ``boxes`` (class -> cx, cy, w, h in detector pixels)."""
+    cell = preprocess.DETECTOR_SIZE / GRID
+    g = np.zeros((1, 5 + n_cls, GRID, GRID), np.float32)
+    g[0, 0] = -8.0
+    for k, (cx, cy, w, h) in boxes.items():
+        j, i = int(cx // cell), int(cy // cell)
+        g[0, 0, i, j] = 8.0
+        g[0, 1, i, j] = _logit(cx / cell - j)
+        g[0, 2, i, j] = _logit(cy / cell - i)
+        g[0, 3, i, j] = math.log(w / cell)
+        g[0, 4, i, j] = math.log(h / cell)
+        g[0, 5 + k, i, j] = 10.0
+    return g
+
+
+def test_decoding_returns_boxes_in_source_pixels_per_label() -> None:
+    g = _grid({0: (100.0, 60.0, 40.0, 20.0), 3: (120.0, 180.0, 44.0, 22.0)})
+    found = inference.decode_detections(g, (512, 1024), CERVICAL)
+    assert set(found) == {"C3", "C6"}
+    box, score = found["C3"]
+    assert score > 0.9
+    np.testing.assert_allclose(box, [80 * 4, 50 * 2, 120 * 4, 70 * 2], atol=1e-3)
+
+
+def test_predict_combines_aleatoric_and_epistemic_sigma_in_mm() -> None:
+    img = np.random.default_rng(0).random((512, 512)).astype(np.float32)
+    spacing = (0.2, 0.4)
+    g = _grid({k: (61.0 + 30 * k, 43.0 + 40 * k, 40.0, 20.0) for k in range(5)})
+    logvar = math.log(1e-4)
+    seen = {}
+
+    def kp_fn(crops: np.ndarray, m1: np.ndarray, m2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        seen["crops"], seen["masks"] = crops.shape, m1.shape
+        t, n = m1.shape[:2]
+        mean = np.full((t, n, 10), 0.5, np.float32)
+        mean[:, :, 0] += np.linspace(-0.01, 0.01, t)[:, None]  # spread over samples: epistemic part of point 1
+        return mean, np.full((t, n, 10), logvar, np.float32)
+
+    preds = inference.predict(img, spacing, "cervical", lambda x: g, kp_fn, hidden=8, p_drop=0.25, samples=6, refine=False)
+    assert [p.label for p in preds] == list(CERVICAL)
+    assert seen["crops"] == (5, 1, *preprocess.CROP_SHAPE) and seen["masks"] == (6, 5, 8)
+    for p in preds:
+        cbox = preprocess.crop_box(p.box)
+        centre = [(cbox[0] + cbox[2]) / 2, (cbox[1] + cbox[3]) / 2]
+        np.testing.assert_allclose(p.points[1:], np.tile(centre, (4, 1)), atol=1e-6)
+        w_mm, h_mm = (cbox[2] - cbox[0]) * spacing[1], (cbox[3] - cbox[1]) * spacing[0]
+        np.testing.assert_allclose(p.sigma_aleatoric_mm, math.sqrt(1e-4 * (w_mm**2 + h_mm**2)), rtol=1e-5)
+        assert p.sigma_epistemic_mm[0] > 0 and np.all(p.sigma_epistemic_mm[1:] == 0)
+        assert p.sigma_mm[0] > p.sigma_mm[1]
+
+
+def test_classes_follow_the_thresholds() -> None:
+    assert inference.classify(0.2, 0.5, 1.0) is UncertaintyClass.CERTAIN
+    assert inference.classify(0.5, 0.5, 1.0) is UncertaintyClass.MODERATE
+    assert inference.classify(1.0, 0.5, 1.0) is UncertaintyClass.HIGH
+
+
+def test_calibration_meets_its_error_bounds_on_validation_points() -> None:
+    rng = np.random.default_rng(1)
+    sigma = rng.uniform(0.1, 3.0, 5000)
+    error = np.abs(rng.normal(0, np.select([sigma < 1, sigma < 2], [0.3, 0.95], 3.0)))
+    tau1, tau2 = inference.calibrate(sigma, error)
+    assert 0.1 < tau1 < tau2 < 3.0
+    assert np.quantile(error[sigma < tau1], 0.95) <= 1.5
+    assert np.quantile(error[(sigma >= tau1) & (sigma < tau2)], 0.95) <= 2.0
+    # the thresholds are the largest that keep the bounds: a bit higher breaks them
+    assert np.quantile(error[sigma < tau1 * 1.3], 0.95) > 1.45
+
+
+def test_clahe_keeps_range_and_raises_local_contrast() -> None:
+    x = (0.5 + 0.03 * np.random.default_rng(2).standard_normal((64, 128))).astype(np.float32)
+    y = preprocess.clahe(x)
+    assert y.shape == x.shape and 0 <= y.min() and y.max() <= 1
+    assert y.std() > 2 * x.std()
+    assert np.corrcoef(x.ravel(), y.ravel())[0, 1] > 0.9
