@@ -362,6 +362,8 @@ class Analyzer:
     title: ClassVar[str] = ""
     outputs: ClassVar[Outputs] = Outputs()
     batchable: ClassVar[bool] = False
+    template_file: ClassVar[Path | None] = None
+    """SR template of an analyzer shipped outside this project; bundled ones live in ``sr_templates/``."""
 
     def __init__(self, settings: AnalyzerSettings | None = None) -> None:
         self.settings = settings or AnalyzerSettings()

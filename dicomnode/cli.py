@@ -161,7 +161,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     from .encoders import encode_result
     from .logs import setup_logging
-    from .registry import analyzer_names, build
+    from .registry import analyzer_names, build, template_for
     from .worker import encoder_context
 
     cfg = _config(args, required=False)
@@ -197,7 +197,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             print(f"error: {study.study_instance_uid}: {type(exc).__name__}: {exc}", file=sys.stderr)
             report.append({"study_uid": study.study_instance_uid, "outcome": "error", "error": f"{type(exc).__name__}: {exc}"})
             continue
-        datasets = encode_result(result, study, ctx)
+        datasets = encode_result(result, study, ctx, template_for(args.analyzer, cfg))
         files_out = []
         for ds in datasets:
             kind = _kind(ds)

@@ -99,6 +99,7 @@ class AnalyzersSection(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     workers: int = Field(1, ge=1, le=16)
     max_attempts: int = Field(3, ge=1, le=20)
+    retry_delay: float = Field(10, ge=0, description="first retry of a failed job after this many seconds, doubling")
     job_timeout: float = Field(900, gt=0)
     plugins: list[str] = Field(default_factory=list, description="extra analyzers as 'module:Class'")
     settings: dict[str, AnalyzerOptions] = Field(default_factory=dict)

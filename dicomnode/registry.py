@@ -54,3 +54,24 @@ def settings_for(name: str, cfg: Config | None) -> AnalyzerSettings:
 
 def build(name: str, cfg: Config | None = None) -> Analyzer:
     return get_class(name, cfg)(settings_for(name, cfg))
+
+
+def template_for(name: str, cfg: Config | None = None):
+    """The SR template of an analyzer: its own ``template_file`` if it ships one, else ``sr_templates/<name>.yaml``."""
+    from sr_templates.loader import load_template, load_template_file
+
+    cls = get_class(name, cfg)
+    return load_template_file(cls.template_file) if cls.template_file else load_template(name)
+
+
+def check_templates(cfg: Config | None) -> None:
+    """Load and validate every enabled analyzer's template against its declared outputs (start-up)."""
+    from sr_templates.loader import check_all, validate_template
+
+    entry_points = set(available_analyzers())
+    names = analyzer_names(cfg)
+    check_all(analyzers=[n for n in names if n in entry_points and get_class(n, cfg).template_file is None])
+    for n in names:
+        cls = get_class(n, cfg)
+        if cls.template_file is not None:
+            validate_template(template_for(n, cfg), cls.outputs)

@@ -29,7 +29,7 @@ class Node:
             raise ValueError("the node needs a configuration file path (the worker process reads it)")
         self.cfg = cfg
         self.store = Store(cfg.data_dir, fsync=cfg.node.fsync)
-        self.queue = JobQueue(self.store, cfg.analyzers.max_attempts)
+        self.queue = JobQueue(self.store, cfg.analyzers.max_attempts, cfg.analyzers.retry_delay)
         self.outbox = Outbox(self.store, cfg.sender.max_attempts, cfg.sender.backoff_initial, cfg.sender.backoff_max)
         self.rules = RulesHolder(cfg.rules_path)
         known = set(analyzer_names(cfg))
@@ -41,9 +41,9 @@ class Node:
         self._watch: threading.Thread | None = None
 
     def start(self) -> None:
-        from sr_templates.loader import check_all
+        from .registry import check_templates
 
-        check_all(analyzer_names(self.cfg))
+        check_templates(self.cfg)
         recovered = self.store.reconcile(reindex_file)
         requeued = self.queue.recover()
         log.info("node_starting", ae_title=self.cfg.node.ae_title, port=self.cfg.node.port, data_dir=str(self.cfg.data_dir),

@@ -51,8 +51,9 @@ class Worker:
     def __init__(self, cfg: Config, store: Store | None = None) -> None:
         self.cfg = cfg
         self.store = store or Store(cfg.data_dir, fsync=cfg.node.fsync)
-        self.queue = JobQueue(self.store, cfg.analyzers.max_attempts)
+        self.queue = JobQueue(self.store, cfg.analyzers.max_attempts, cfg.analyzers.retry_delay)
         self._analyzers: dict[str, Analyzer] = {}
+        self._templates: dict[str, Any] = {}
         self._ctx = None
 
     def analyzer(self, name: str) -> Analyzer:
@@ -88,7 +89,11 @@ class Worker:
             analyze_s = time.monotonic() - t_an
             if self._ctx is None:
                 self._ctx = encoder_context(self.cfg)
-            datasets = encode_result(result, study, self._ctx)
+            if job.analyzer not in self._templates:
+                from .registry import template_for
+
+                self._templates[job.analyzer] = template_for(job.analyzer, self.cfg)
+            datasets = encode_result(result, study, self._ctx, self._templates[job.analyzer])
             rows = []
             for ds in datasets:
                 path = out_dir / f"{ds.SOPInstanceUID}.dcm"

@@ -108,18 +108,29 @@ def _encode_one(result, study, ctx, template, seg: Segmentation, algorithm, seri
         if "empty" in str(exc).lower() or "no frames" in str(exc).lower():
             raise EncodingError(f"{result.analyzer}: segmentation {number} has empty masks for every segment") from exc
         raise
-    if "FrameOfReferenceUID" not in sources[0]:
-        _drop_incomplete_pixel_measures(obj)
+    _complete_pixel_measures(obj, sources[0])
     return finish(obj, sources[0], ctx, description)
 
 
-def _drop_incomplete_pixel_measures(obj: pydicom.Dataset) -> None:
-    """Projection images have no slice thickness: highdicom then writes a Pixel Measures item that
-    it cannot read back, and the mask aligns pixel for pixel with the source anyway."""
+def _complete_pixel_measures(obj: pydicom.Dataset, source: pydicom.Dataset) -> None:
+    """Give the shared Pixel Measures a slice thickness when the source (a projection image) has none.
+
+    highdicom writes Pixel Spacing alone for such sources but cannot read that back,
+    and OHIF needs the shared Pixel Measures item to open the SEG; a projection has no
+    thickness, so the nominal value is 1 mm, as for a single plane.
+    """
     shared = obj.SharedFunctionalGroupsSequence[0]
     measures = shared.get("PixelMeasuresSequence")
-    if measures and "SliceThickness" not in measures[0]:
-        del shared.PixelMeasuresSequence
+    if not measures:
+        item = pydicom.Dataset()
+        spacing = source.get("PixelSpacing") or source.get("ImagerPixelSpacing")
+        if spacing is None:
+            return
+        item.PixelSpacing = list(spacing)
+        shared.PixelMeasuresSequence = [item]
+        measures = shared.PixelMeasuresSequence
+    if "SliceThickness" not in measures[0]:
+        measures[0].SliceThickness = source.get("SliceThickness") or 1.0
 
 
 def _align(result: AnalysisResult, study: Study, seg: Segmentation) -> tuple[list[pydicom.Dataset], np.ndarray]:
