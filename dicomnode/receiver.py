@@ -226,6 +226,12 @@ class Receiver:
                     reason="calling AE not allowed from this host, or too many associations",
                     fix="add it under callers: in the configuration (or `dicomnode callers add`)")
 
+    def update_config(self, cfg: Config) -> None:
+        """Take new callers (the allow-list) from a reloaded configuration."""
+        self.cfg = cfg
+        if getattr(self, "_ae", None) is not None:
+            self._ae.allowed = [(c.ae_title, c.host) for c in cfg.callers]
+
     @property
     def active_associations(self) -> int:
         return self._active

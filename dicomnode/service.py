@@ -39,6 +39,7 @@ class Node:
         self.workers = [WorkerProcess(cfg.path) for _ in range(cfg.analyzers.workers)]
         self._stop = threading.Event()
         self._watch: threading.Thread | None = None
+        self._config_mtime = cfg.path.stat().st_mtime_ns
 
     def start(self) -> None:
         from .registry import check_templates
@@ -78,10 +79,38 @@ class Node:
                         log.error("worker_died", pid=pid, exitcode=w.proc.exitcode if w.proc else None, restarts=w.restarts)
                         w.start()
                 self._time_out_jobs()
+                self._reload_config()
                 if self.outbox.next_due_in() == 0:
                     self.sender.wake()
             except Exception as exc:
                 log.error("supervisor_error", error=f"{type(exc).__name__}: {exc}")
+
+    def _reload_config(self) -> None:
+        """Callers, destinations, assembly and sender settings follow config/node.yaml without a restart."""
+        from .config import ConfigError, load_config
+
+        try:
+            mtime = self.cfg.path.stat().st_mtime_ns
+        except FileNotFoundError:
+            return
+        if mtime == self._config_mtime:
+            return
+        self._config_mtime = mtime
+        try:
+            new = load_config(self.cfg.path)
+        except ConfigError as exc:
+            log.error("config_rejected", file=str(self.cfg.path), error=str(exc), note="the previous configuration stays in force")
+            return
+        fixed = [k for k in ("node", "storage", "rules_file") if getattr(new, k) != getattr(self.cfg, k)]
+        if fixed:
+            log.warning("config_restart_needed", sections=fixed, note="these sections take effect after a restart")
+            for k in fixed:
+                setattr(new, k, getattr(self.cfg, k))
+        self.cfg = new
+        self.receiver.update_config(new)
+        self.sender.cfg = new
+        self.assembler.cfg = new
+        log.info("config_reloaded", callers=len(new.callers), destinations=len(new.destinations))
 
     def _recover_jobs_of(self, pid: int | None, why: str) -> None:
         if pid is None:

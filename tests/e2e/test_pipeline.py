@@ -176,3 +176,18 @@ def test_sigterm_stops_cleanly(node):
     rc = node.stop(signal.SIGTERM)
     assert rc == 0
     assert "node_stopped" in {e.get("event") for e in node.log_events()}
+
+
+def test_new_callers_are_allowed_without_a_restart(node, tmp_path):
+    import yaml
+
+    files = make_study(tmp_path / "in", 1, seed=21)
+    assert storescu(node.port, files, aet="MODALITY7").returncode != 0
+    cfg = yaml.safe_load(node.config_path.read_text())
+    cfg["callers"].append({"ae_title": "MODALITY7", "host": "127.0.0.1", "destination": "pacs"})
+    node.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    node.wait_for(lambda: "config_reloaded" in {e.get("event") for e in node.log_events()}, 20, "config reload")
+    assert storescu(node.port, files, aet="MODALITY7").returncode == 0
+    node.config_path.write_text("node: {port: -5}\n")  # a broken file never replaces the working one
+    node.wait_for(lambda: "config_rejected" in {e.get("event") for e in node.log_events()}, 20, "config rejection")
+    assert storescu(node.port, files, aet="MODALITY7").returncode == 0
