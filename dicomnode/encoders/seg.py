@@ -109,6 +109,8 @@ def _encode_one(result, study, ctx, template, seg: Segmentation, algorithm, seri
             raise EncodingError(f"{result.analyzer}: segmentation {number} has empty masks for every segment") from exc
         raise
     _complete_pixel_measures(obj, sources[0])
+    if "FrameOfReferenceUID" not in sources[0] and "ImageOrientationPatient" not in sources[0]:
+        _add_image_plane_orientation(obj)
     return finish(obj, sources[0], ctx, description)
 
 
@@ -131,6 +133,20 @@ def _complete_pixel_measures(obj: pydicom.Dataset, source: pydicom.Dataset) -> N
         measures = shared.PixelMeasuresSequence
     if "SliceThickness" not in measures[0]:
         measures[0].SliceThickness = source.get("SliceThickness") or 1.0
+
+
+def _add_image_plane_orientation(obj: pydicom.Dataset) -> None:
+    """State that the frames lie in the source's image plane (rows along x, columns along y).
+
+    A projection image has no patient geometry; OHIF's SEG loader compares the
+    SEG's orientation with the source's (which it takes as this default) and
+    refuses to load a SEG without one.
+    """
+    shared = obj.SharedFunctionalGroupsSequence[0]
+    if "PlaneOrientationSequence" not in shared:
+        item = pydicom.Dataset()
+        item.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        shared.PlaneOrientationSequence = [item]
 
 
 def _align(result: AnalysisResult, study: Study, seg: Segmentation) -> tuple[list[pydicom.Dataset], np.ndarray]:
