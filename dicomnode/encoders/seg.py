@@ -7,6 +7,7 @@ import numpy as np
 import pydicom
 from pydicom.sr.codedict import codes
 
+from analyzers import imaging
 from analyzers.base import AnalysisResult, Segmentation, Study
 from sr_templates.loader import Template
 
@@ -115,24 +116,23 @@ def _encode_one(result, study, ctx, template, seg: Segmentation, algorithm, seri
 
 
 def _complete_pixel_measures(obj: pydicom.Dataset, source: pydicom.Dataset) -> None:
-    """Give the shared Pixel Measures a slice thickness when the source (a projection image) has none.
+    """Make the shared Pixel Measures complete for projection images.
 
-    highdicom writes Pixel Spacing alone for such sources but cannot read that back,
-    and OHIF needs the shared Pixel Measures item to open the SEG; a projection has no
-    thickness, so the nominal value is 1 mm, as for a single plane.
+    highdicom writes Pixel Spacing alone (or nothing, when the source has no
+    spacing) for such sources but cannot read that back, and OHIF refuses a SEG
+    without the shared Pixel Measures item. A projection has no thickness and an
+    uncalibrated image no spacing: both then get the nominal value 1 (pixel
+    units); viewers measure on the source image, not on the SEG.
     """
     shared = obj.SharedFunctionalGroupsSequence[0]
-    measures = shared.get("PixelMeasuresSequence")
-    if not measures:
-        item = pydicom.Dataset()
-        spacing = source.get("PixelSpacing") or source.get("ImagerPixelSpacing")
-        if spacing is None:
-            return
-        item.PixelSpacing = list(spacing)
-        shared.PixelMeasuresSequence = [item]
-        measures = shared.PixelMeasuresSequence
-    if "SliceThickness" not in measures[0]:
-        measures[0].SliceThickness = source.get("SliceThickness") or 1.0
+    if not shared.get("PixelMeasuresSequence"):
+        shared.PixelMeasuresSequence = [pydicom.Dataset()]
+    measures = shared.PixelMeasuresSequence[0]
+    if "PixelSpacing" not in measures:
+        spacing = imaging.pixel_spacing(source)
+        measures.PixelSpacing = list(spacing) if spacing else [1.0, 1.0]
+    if "SliceThickness" not in measures:
+        measures.SliceThickness = source.get("SliceThickness") or 1.0
 
 
 def _add_image_plane_orientation(obj: pydicom.Dataset) -> None:
