@@ -71,3 +71,20 @@ def dsrdump(ds_or_path: pydicom.Dataset | Path | str) -> ToolReport:
     if proc.returncode != 0 and not errors:
         errors.append(f"dsrdump exited with status {proc.returncode}")
     return ToolReport(output=out, errors=errors, warnings=[line for line in lines if line.startswith("W:")])
+
+
+DCMPSCHK = "/usr/bin/dcmpschk"
+
+
+def dcmpschk(ds_or_path: pydicom.Dataset | Path | str) -> ToolReport:
+    """Check a presentation state with DCMTK; passes when it says ``Test passed``."""
+    require(DCMPSCHK)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = _as_file(ds_or_path, Path(tmp))
+        proc = subprocess.run([DCMPSCHK, str(path)], capture_output=True, text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    lines = out.splitlines()
+    errors = [line for line in lines if line.startswith(("E:", "F:"))]
+    if "Test passed" not in out:
+        errors.append("dcmpschk did not report 'Test passed'")
+    return ToolReport(output=out, errors=errors, warnings=[line for line in lines if line.startswith("W:") and "Test" not in line])

@@ -14,7 +14,7 @@ from analyzers import imaging
 from analyzers.base import AnalysisResult, Region, Study
 from dicomnode.encoders.sr import QUALITATIVE_EVALUATIONS
 from sr_templates.loader import GENERIC_CODES, Template
-from tests.dicomtools import dciodvfy, dsrdump
+from tests.dicomtools import dciodvfy, dcmpschk, dsrdump
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -205,6 +205,8 @@ def check_gsps(paths: list[Path], result: AnalysisResult, template: Template, st
     assert paths, "no presentation state for the regions"
     drawn = []
     for path in paths:
+        report = dcmpschk(path)
+        assert not report.errors, f"dcmpschk on {path.name}:\n" + "\n".join(report.errors)
         pr = pydicom.dcmread(path)
         _study_attributes_match(pr, study)
         _equipment_match(pr, result)
