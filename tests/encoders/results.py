@@ -81,3 +81,65 @@ def fixture_result(study: Study) -> AnalysisResult:
         review_reasons=["L3 posterior-inferior corner is highly uncertain"],
         sources=[src],
     )
+
+
+def ct_study(slices: int = 6, size: int = 64, seed: int = 1) -> Study:
+    """A small axial CT series with full patient geometry (one instance per slice)."""
+    from analyzers.phantoms import CT_IMAGE, new_uid
+
+    rng = np.random.default_rng(seed)
+    patient = PhantomPatient.make(rng, "enc", 100 + seed, study_description="Encoder test CT")
+    series_uid, frame_of_reference = new_uid(), new_uid()
+    yy, xx = np.mgrid[0:size, 0:size]
+    body = ((xx - size / 2) ** 2 + (yy - size / 2) ** 2) < (size * 0.4) ** 2
+    datasets = []
+    for k in range(slices):
+        pixels = np.where(body, 1024 + 40, 0) + rng.integers(0, 20, (size, size))
+        datasets.append(
+            image_dataset(
+                pixels.astype(np.uint16),
+                patient=patient,
+                modality="CT",
+                sop_class_uid=CT_IMAGE,
+                series_uid=series_uid,
+                instance_number=k + 1,
+                series_description="Axial",
+                pixel_spacing=(0.8, 0.8),
+                attributes={
+                    "FrameOfReferenceUID": frame_of_reference,
+                    "ImagePositionPatient": [-25.6, -25.6, 2.5 * k],
+                    "ImageOrientationPatient": [1, 0, 0, 0, 1, 0],
+                    "SliceThickness": 2.5,
+                    "RescaleSlope": 1,
+                    "RescaleIntercept": -1024,
+                    "PositionReferenceIndicator": "",
+                    "KVP": 120,
+                    "ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"],
+                },
+            )
+        )
+    return Study.from_datasets(datasets)
+
+
+def ct_result(study: Study) -> AnalysisResult:
+    """Per-vertebra findings on one slice, a SEG over every slice (most of them empty), a heatmap."""
+    instances = study.series[0].instances
+    mid = SourceRef(instances[len(instances) // 2].sop_instance_uid)
+    size = int(instances[0].dataset.Rows)
+    masks = np.zeros((len(instances), size, size, 1), bool)
+    for k in (2, 3):
+        masks[k, 20:40, 25:38, 0] = True
+    heat = np.zeros((size, size), np.float32)
+    heat[24:36, 26:36] = 1.0
+    square = [[25, 20], [38, 20], [38, 40], [25, 40]]
+    return AnalysisResult(
+        analyzer="fixture_spine",
+        analyzer_version="1.2",
+        models=[ModelInfo("fixture-ct", "0.1", "cd" * 32, phantom_trained=True)],
+        findings=[Finding("fracture", True, probability=0.91, site="L3", group="L3", source=mid, heatmap="hm_l3")],
+        measurements=[Measurement("height", 18.0, "mm", site="L3", group="L3", source=mid)],
+        regions=[Region("outline", "polygon", square, mid, group="L3", label="L3 outline")],
+        segmentations=[Segmentation(["spine"], masks, [SourceRef(i.sop_instance_uid) for i in instances])],
+        heatmaps=[Heatmap("hm_l3", "fracture", heat, mid, label="L3 fracture evidence")],
+        sources=[SourceRef(i.sop_instance_uid) for i in instances],
+    )

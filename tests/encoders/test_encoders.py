@@ -146,3 +146,19 @@ def test_device_uid_is_stable_and_depends_on_identity():
     assert a.device_uid == b.device_uid and a.device_uid.startswith("1.2.826.0.1.3680043.10.1137.")
     assert EncoderContext(device_serial="2").device_uid != a.device_uid
     assert EncoderContext(device_uid="1.2.3").device_uid == "1.2.3"
+
+
+def test_ct_series_seg_omits_empty_frames_and_references_each_slice(template, tmp_path):
+    from tests.encoders.results import ct_result, ct_study
+
+    study = ct_study()
+    result = ct_result(study)
+    objects = encode_result(result, study, EncoderContext(), template)
+    paths = check_all(objects, result, template, study, tmp_path)
+    seg = pydicom.dcmread(paths[SEG_CLASS][0])
+    assert int(seg.NumberOfFrames) == 2
+    referenced = {
+        f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID for f in seg.PerFrameFunctionalGroupsSequence
+    }
+    assert referenced == {result.segmentations[0].sources[k].sop_instance_uid for k in (2, 3)}
+    assert seg.FrameOfReferenceUID == study.series[0].instances[0].dataset.FrameOfReferenceUID
