@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import socket
+import struct
 import ssl
 import threading
 import time
@@ -18,7 +19,9 @@ from typing import Any
 
 import structlog
 from pydicom import dcmread
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
 from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification, _STORAGE_CLASSES
 from pynetdicom.transport import ThreadedAssociationServer
@@ -101,24 +104,124 @@ def _failure(status: int, comment: str) -> Dataset:
     return ds
 
 
-def parse_header(raw: bytes | Path) -> Dataset:
-    """Parse a whole encoded file; raises on truncated or malformed data (the pixel bytes are read, not decoded)."""
-    src = raw if isinstance(raw, Path) else io.BytesIO(raw)
-    return dcmread(src, force=True)
+TAG_SOP_CLASS, TAG_SOP_INSTANCE, TAG_STUDY, TAG_SERIES = 0x00080016, 0x00080018, 0x0020000D, 0x0020000E
+TAG_PIXEL_DATA = 0x7FE00010
+_ROUTING_TAGS = [(kw, tag_for_keyword(kw)) for kw in ROUTING_KEYWORDS]
+_IMPLICIT_LE = "1.2.840.10008.1.2"
+_EXPLICIT_BE = "1.2.840.10008.1.2.2"
+_DEFLATED = ("1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.4.95")
+IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1137.1"
+IMPLEMENTATION_VERSION = "DICOMNODE"
 
 
-def record_from(ds: Dataset, path: Path, size: int, calling_ae: str | None = None, host: str | None = None) -> InstanceRecord:
-    attrs = {kw: to_jsonable(ds.get(kw)) for kw in ROUTING_KEYWORDS if kw in ds}
-    number = ds.get("InstanceNumber")
+def _text(ds: Dataset, tag: int) -> str:
+    elem = ds.get(tag)
+    value = getattr(elem, "value", None)
+    return str(value).strip() if value is not None else ""
+
+
+def parse_dataset(dataset: bytes | memoryview, transfer_syntax: str) -> Dataset:
+    """The data set's elements before the pixel data, and a check that nothing was cut short.
+
+    Raises on malformed or truncated data (pixel bytes are length-checked, never decoded).
+    """
+    if transfer_syntax in _DEFLATED:
+        # deflated data sets are rare: inflate and parse the whole thing
+        import zlib
+
+        raw = zlib.decompress(bytes(dataset), -zlib.MAX_WBITS)
+        ds = read_dataset(io.BytesIO(raw), False, True)
+        _ = [e for e in ds]  # converts every element: raises on damage
+        return ds
+    implicit = transfer_syntax == _IMPLICIT_LE
+    little = transfer_syntax != _EXPLICIT_BE
+    fp = io.BytesIO(dataset)
+    ds = read_dataset(fp, implicit, little, stop_when=lambda tag, vr, length: tag == TAG_PIXEL_DATA)
+    pos = fp.tell()
+    remaining = len(dataset) - pos
+    if remaining > 0:
+        head = bytes(dataset[pos:pos + 12])
+        if len(head) < 8:
+            raise ValueError("pixel data element header cut short")
+        endian = "<" if little else ">"
+        if implicit:
+            length = struct.unpack(endian + "I", head[4:8])[0]
+            header = 8
+        else:
+            vr = head[4:6]
+            if vr in (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"UT", b"SQ", b"UC", b"UR"):
+                if len(head) < 12:
+                    raise ValueError("pixel data element header cut short")
+                length = struct.unpack(endian + "I", head[8:12])[0]
+                header = 12
+            else:
+                length = struct.unpack(endian + "H", head[6:8])[0]
+                header = 8
+        if length == 0xFFFFFFFF:
+            # encapsulated: the fragments end with a sequence delimitation item
+            if bytes(dataset).rfind(b"\xfe\xff\xdd\xe0" if little else b"\xff\xfe\xe0\xdd", pos + header) < 0:
+                raise ValueError("encapsulated pixel data has no sequence delimiter: transfer cut short")
+        elif remaining - header < length:
+            raise ValueError(f"PixelData has {remaining - header} bytes, its header says {length}")
+        else:
+            need = _native_pixel_bytes(ds)
+            if need is not None and length < need:
+                raise ValueError(f"PixelData has {length} bytes, the image needs {need}")
+    return ds
+
+
+def _native_pixel_bytes(ds: Dataset) -> int | None:
+    """Bytes an uncompressed image needs (Rows x Columns x frames x samples x bits), None when unknown."""
     try:
-        number = int(number) if number not in (None, "") else None
-    except (TypeError, ValueError):
-        number = None
-    ts = str(ds.file_meta.TransferSyntaxUID) if "TransferSyntaxUID" in getattr(ds, "file_meta", Dataset()) else ""
+        rows, cols, bits = int(ds[0x00280010].value), int(ds[0x00280011].value), int(ds[0x00280100].value)
+        frames = int(ds[0x00280008].value or 1) if 0x00280008 in ds else 1
+        spp = int(ds[0x00280002].value or 1) if 0x00280002 in ds else 1
+    except (KeyError, TypeError, ValueError):
+        return None
+    return (rows * cols * frames * spp * bits + 7) // 8
+
+
+def file_meta(sop_class: str, sop_uid: str, transfer_syntax: str, source_ae: str | None = None) -> bytes:
+    """Preamble, prefix and File Meta Information group (always Explicit VR Little Endian)."""
+    def elem(tag_elem: int, vr: bytes, value: bytes) -> bytes:
+        if len(value) % 2:
+            value += b"\x00" if vr == b"UI" else b" "
+        if vr == b"OB":
+            return struct.pack("<HH2sHI", 0x0002, tag_elem, vr, 0, len(value)) + value
+        return struct.pack("<HH2sH", 0x0002, tag_elem, vr, len(value)) + value
+
+    body = b"".join([
+        elem(0x0001, b"OB", b"\x00\x01"),
+        elem(0x0002, b"UI", sop_class.encode()),
+        elem(0x0003, b"UI", sop_uid.encode()),
+        elem(0x0010, b"UI", transfer_syntax.encode()),
+        elem(0x0012, b"UI", IMPLEMENTATION_CLASS_UID.encode()),
+        elem(0x0013, b"SH", IMPLEMENTATION_VERSION.encode()),
+        *([elem(0x0016, b"AE", source_ae.strip().encode())] if source_ae and source_ae.strip() else []),
+    ])
+    return b"\x00" * 128 + b"DICM" + struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body)) + body
+
+
+def record_from(ds: Dataset, path: Path, size: int, calling_ae: str | None = None, host: str | None = None,
+                transfer_syntax: str | None = None) -> InstanceRecord:
+    attrs = {}
+    for kw, tag in _ROUTING_TAGS:
+        elem = ds.get(tag)
+        if elem is not None and elem.value is not None and elem.value != "":
+            attrs[kw] = to_jsonable(elem.value)
+    number = _text(ds, 0x00200013)
+    try:
+        instance_number = int(float(number)) if number else None
+    except ValueError:
+        instance_number = None
+    if transfer_syntax is None:
+        meta = getattr(ds, "file_meta", None)
+        transfer_syntax = str(meta.TransferSyntaxUID) if meta is not None and "TransferSyntaxUID" in meta else ""
     return InstanceRecord(
-        sop_uid=str(ds.SOPInstanceUID), series_uid=str(ds.SeriesInstanceUID), study_uid=str(ds.StudyInstanceUID),
-        sop_class_uid=str(ds.SOPClassUID), transfer_syntax=ts, instance_number=number, path=path, size=size,
-        attributes=attrs, calling_ae=calling_ae, calling_host=host, study_date=str(ds.get("StudyDate", "") or "") or None,
+        sop_uid=_text(ds, TAG_SOP_INSTANCE), series_uid=_text(ds, TAG_SERIES), study_uid=_text(ds, TAG_STUDY),
+        sop_class_uid=_text(ds, TAG_SOP_CLASS), transfer_syntax=transfer_syntax, instance_number=instance_number,
+        path=path, size=size, attributes=attrs, calling_ae=calling_ae, calling_host=host,
+        study_date=_text(ds, 0x00080020) or None,
     )
 
 
@@ -152,58 +255,59 @@ class Receiver:
 
     def handle_store(self, event: evt.Event) -> int | Dataset:
         assoc = event.assoc
-        calling = assoc.requestor.ae_title
-        host = assoc.requestor.address
-        context_class = str(event.context.abstract_syntax)
+        status, comment = self.store_bytes(
+            event.request.DataSet.getvalue(), str(event.context.transfer_syntax), str(event.context.abstract_syntax),
+            str(event.request.AffectedSOPInstanceUID or ""), assoc.requestor.ae_title, assoc.requestor.address)
+        if status == SUCCESS:
+            assoc._dn_count = getattr(assoc, "_dn_count", 0) + 1  # per-association tally for the log line
+            return SUCCESS
+        return _failure(status, comment)
+
+    def store_bytes(self, dataset: bytes | memoryview, transfer_syntax: str, context_class: str, affected_uid: str,
+                    calling: str, host: str) -> tuple[int, str]:
+        """Check, write durably and index one received data set; returns (status, error comment).
+
+        ``dataset`` is the encoded data set as it arrived (no file meta). It is written after a file
+        meta header of our own, unchanged, so the spool file is the instance in the syntax it came in.
+        """
         try:
-            raw = event.encoded_dataset(include_meta=True)
-        except Exception as exc:
-            log.warning("store_rejected", reason="unreadable request", error=type(exc).__name__, calling_ae=calling)
-            return _failure(ERROR_CANNOT_UNDERSTAND, "request data set could not be read")
-        try:
-            ds = parse_header(raw)
-            sop_uid = ds.get("SOPInstanceUID")
-            study_uid = ds.get("StudyInstanceUID")
-            series_uid = ds.get("SeriesInstanceUID")
-            sop_class = ds.get("SOPClassUID")
-            _check_pixel_length(ds)
+            ds = parse_dataset(dataset, transfer_syntax)
         except Exception as exc:
             log.warning("store_rejected", reason="malformed or truncated data set", error=type(exc).__name__,
                         calling_ae=calling, sop_class=context_class)
-            return _failure(ERROR_CANNOT_UNDERSTAND, "malformed or truncated data set")
-
+            return ERROR_CANNOT_UNDERSTAND, "malformed or truncated data set"
+        sop_uid, study_uid, series_uid, sop_class = (
+            _text(ds, tag) for tag in (TAG_SOP_INSTANCE, TAG_STUDY, TAG_SERIES, TAG_SOP_CLASS))
         missing = [kw for kw, v in (("SOPInstanceUID", sop_uid), ("StudyInstanceUID", study_uid),
-                                    ("SeriesInstanceUID", series_uid), ("SOPClassUID", sop_class)) if not valid_uid(str(v or ""))]
+                                    ("SeriesInstanceUID", series_uid), ("SOPClassUID", sop_class)) if not valid_uid(v)]
         if missing:
             log.warning("store_rejected", reason="missing or invalid UID", attributes=missing, calling_ae=calling)
-            return _failure(ERROR_CANNOT_UNDERSTAND, f"missing or invalid {', '.join(missing)}")
-        sop_class = str(sop_class)
+            return ERROR_CANNOT_UNDERSTAND, f"missing or invalid {', '.join(missing)}"
         if sop_class not in STORAGE_SOP_CLASSES and sop_class not in self.extra_classes:
-            log.warning("store_rejected", reason="unsupported SOP class", sop_class=sop_class, sop_uid=str(sop_uid), calling_ae=calling)
-            return _failure(REFUSED_SOP_CLASS_NOT_SUPPORTED, "SOP class not supported")
+            log.warning("store_rejected", reason="unsupported SOP class", sop_class=sop_class, sop_uid=sop_uid, calling_ae=calling)
+            return REFUSED_SOP_CLASS_NOT_SUPPORTED, "SOP class not supported"
         if sop_class != context_class:
             log.warning("store_rejected", reason="SOP class differs from presentation context", sop_class=sop_class,
-                        context=context_class, sop_uid=str(sop_uid), calling_ae=calling)
-            return _failure(ERROR_DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOPClassUID does not match context")
-        affected = str(event.request.AffectedSOPInstanceUID or "")
-        if affected and affected != str(sop_uid):
-            log.warning("store_rejected", reason="SOPInstanceUID differs from the request", sop_uid=str(sop_uid), calling_ae=calling)
-            return _failure(ERROR_DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOPInstanceUID does not match request")
+                        context=context_class, sop_uid=sop_uid, calling_ae=calling)
+            return ERROR_DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOPClassUID does not match context"
+        if affected_uid and affected_uid != sop_uid:
+            log.warning("store_rejected", reason="SOPInstanceUID differs from the request", sop_uid=sop_uid, calling_ae=calling)
+            return ERROR_DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOPInstanceUID does not match request"
 
-        path = self.store.spool_path(str(study_uid), str(series_uid), str(sop_uid))
+        path = self.store.spool_path(study_uid, series_uid, sop_uid)
+        meta = file_meta(sop_class, sop_uid, transfer_syntax, calling)
         try:
-            size = self.store.write_durably(path, raw)
-            self.store.index_instance(record_from(ds, path, size, calling, host))
+            size = self.store.write_durably(path, (meta, dataset))
+            self.store.index_instance(record_from(ds, path, size, calling, host, transfer_syntax))
         except OSError as exc:
-            log.error("store_failed", reason="cannot write", error=str(exc), sop_uid=str(sop_uid))
-            return _failure(REFUSED_OUT_OF_RESOURCES, "cannot write the instance")
+            log.error("store_failed", reason="cannot write", error=str(exc), sop_uid=sop_uid)
+            return REFUSED_OUT_OF_RESOURCES, "cannot write the instance"
         except Exception as exc:
-            log.error("store_failed", reason="cannot index", error=f"{type(exc).__name__}: {exc}", sop_uid=str(sop_uid))
-            return _failure(REFUSED_OUT_OF_RESOURCES, "cannot index the instance")
-        assoc._dn_count = getattr(assoc, "_dn_count", 0) + 1  # per-association tally for the log line
-        assoc._dn_bytes = getattr(assoc, "_dn_bytes", 0) + size
-        log.debug("instance_stored", sop_uid=str(sop_uid), series_uid=str(series_uid), study_uid=str(study_uid), bytes=size)
-        return SUCCESS
+            log.error("store_failed", reason="cannot index", error=f"{type(exc).__name__}: {exc}", sop_uid=sop_uid)
+            return REFUSED_OUT_OF_RESOURCES, "cannot index the instance"
+        self.stored += 1
+        log.debug("instance_stored", sop_uid=sop_uid, series_uid=series_uid, study_uid=study_uid, bytes=size)
+        return SUCCESS, ""
 
     def _assoc_open(self, event: evt.Event) -> None:
         with self._lock:
@@ -214,10 +318,8 @@ class Receiver:
         with self._lock:
             self._active -= 1
         assoc = event.assoc
-        n = getattr(assoc, "_dn_count", 0)
-        self.stored += n
         log.info("association", outcome=how, calling_ae=assoc.requestor.ae_title, host=assoc.requestor.address,
-                 instances=n, bytes=getattr(assoc, "_dn_bytes", 0),
+                 instances=getattr(assoc, "_dn_count", 0),
                  seconds=round(time.monotonic() - getattr(assoc, "_dn_started", time.monotonic()), 3))
 
     def _rejected(self, event: evt.Event) -> None:
@@ -293,21 +395,3 @@ class Receiver:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
-
-
-def _check_pixel_length(ds: Dataset) -> None:
-    """A native (uncompressed) PixelData shorter than its image needs is a truncated transfer."""
-    if "PixelData" not in ds or getattr(ds.file_meta, "TransferSyntaxUID", None) is None:
-        return
-    if ds.file_meta.TransferSyntaxUID.is_compressed:
-        return
-    try:
-        rows, cols = int(ds.Rows), int(ds.Columns)
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        spp = int(ds.get("SamplesPerPixel", 1) or 1)
-        bits = int(ds.BitsAllocated)
-    except (AttributeError, TypeError, ValueError):
-        raise ValueError("image pixel module incomplete") from None
-    need = rows * cols * frames * spp * bits // 8
-    if len(ds.PixelData) < need:
-        raise ValueError(f"PixelData has {len(ds.PixelData)} bytes, the image needs {need}")

@@ -189,10 +189,10 @@ class Store:
     def write_durably(self, path: Path, chunks: Any) -> int:
         """Write bytes (or an iterable of bytes) to ``path`` atomically: temp file, fsync, rename."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = _mkstemp(self.tmp)
+        tmp_name = self.tmp / f"{path.name}.{os.getpid()}.{threading.get_ident()}.part"
         size = 0
         try:
-            with os.fdopen(fd, "wb", buffering=0) as f:
+            with open(tmp_name, "wb", buffering=0) as f:
                 for chunk in [chunks] if isinstance(chunks, (bytes, bytearray, memoryview)) else chunks:
                     f.write(chunk)
                     size += len(chunk)
@@ -323,12 +323,6 @@ def _int(v: Any) -> int | None:
         return int(v) if v not in (None, "") else None
     except (TypeError, ValueError):
         return None
-
-
-def _mkstemp(folder: Path) -> tuple[int, str]:
-    import tempfile
-
-    return tempfile.mkstemp(dir=folder, suffix=".part")
 
 
 def _fsync_dir(folder: Path) -> None:
