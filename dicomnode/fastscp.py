@@ -1,0 +1,772 @@
+"""A lean DICOM upper-layer acceptor for C-STORE and C-ECHO: the receiver's hot path.
+
+pynetdicom's acceptor polls its DUL and reactor threads (a sleep per loop), which caps a single
+association at about 150 small instances per second. This module speaks the upper layer
+(PS3.8) itself with one blocking thread per association: read a PDU header, ``recv_into`` the
+body, walk its PDV items, hand the data set bytes to a ``store`` callback exactly as they
+arrived, and answer with a C-STORE-RSP encoded here. Association negotiation follows PS3.8
+section 9.3 and 9.3.2-9.3.4; the DIMSE command set is always Implicit VR Little Endian (PS3.7
+section 6.3.1).
+
+Everything else on the network side (the SCU that sends results back, query/retrieve) stays
+with pynetdicom.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import structlog
+
+log = structlog.get_logger("dicomnode.fastscp")
+
+IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1137.1"
+IMPLEMENTATION_VERSION_NAME = "DICOMNODE"
+APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
+VERIFICATION = "1.2.840.10008.1.1"
+IMPLICIT_VR_LE = "1.2.840.10008.1.2"
+
+# DIMSE status codes (PS3.7 annex C, PS3.4 B.2.3)
+SUCCESS = 0x0000
+UNRECOGNIZED_OPERATION = 0x0211
+CANNOT_UNDERSTAND = 0xC000
+PROCESSING_FAILURE = 0xC211
+
+# DIMSE command fields (PS3.7 E.1)
+C_STORE_RQ = 0x0001
+C_STORE_RSP = 0x8001
+C_ECHO_RQ = 0x0030
+C_ECHO_RSP = 0x8030
+C_CANCEL_RQ = 0x0FFF
+NO_DATA_SET = 0x0101
+# Requests this acceptor does not serve but whose response is defined: answered with 0x0211.
+_ANSWERED_UNSUPPORTED = frozenset({0x0010, 0x0020, 0x0021, 0x0100, 0x0110, 0x0120, 0x0130, 0x0140, 0x0150})
+
+# PDU types (PS3.8 9.3.1)
+_ASSOCIATE_RQ, _ASSOCIATE_AC, _ASSOCIATE_RJ = 0x01, 0x02, 0x03
+_P_DATA_TF, _RELEASE_RQ, _RELEASE_RP, _ABORT = 0x04, 0x05, 0x06, 0x07
+
+# A-ASSOCIATE-RJ (result, source, reason) triples (PS3.8 9.3.4)
+REJECT_CALLING_AE = (1, 1, 3)           # permanent, service-user, calling AE title not recognised
+REJECT_APPLICATION_CONTEXT = (1, 1, 2)  # permanent, service-user, application context name not supported
+REJECT_PROTOCOL_VERSION = (1, 2, 2)     # permanent, service-provider (ACSE), protocol version not supported
+REJECT_LOCAL_LIMIT = (2, 3, 2)          # transient, service-provider (presentation), local limit exceeded
+
+# A-ABORT reasons from the service provider (PS3.8 9.3.8)
+ABORT_NOT_SPECIFIED, ABORT_UNRECOGNIZED_PDU, ABORT_UNEXPECTED_PDU = 0, 1, 2
+ABORT_UNEXPECTED_PARAMETER, ABORT_INVALID_PARAMETER = 5, 6
+
+# Presentation context results in the A-ASSOCIATE-AC (PS3.8 9.3.3.2)
+CONTEXT_ACCEPTED = 0
+CONTEXT_ABSTRACT_SYNTAX_NOT_SUPPORTED = 3
+
+# Non-P-DATA PDUs (association requests) larger than this are refused as malformed.
+_MAX_CONTROL_PDU = 1 << 20
+# Service classes that are not storage although any SOP class UID could be proposed on a context:
+# query/retrieve, worklist, storage commitment, MPPS and other N-services, print, instance availability.
+_NOT_STORAGE_PREFIXES = (
+    "1.2.840.10008.5.1.4.1.2.", "1.2.840.10008.5.1.4.31", "1.2.840.10008.5.1.4.32", "1.2.840.10008.5.1.4.33",
+    "1.2.840.10008.5.1.4.34.", "1.2.840.10008.5.1.4.37.", "1.2.840.10008.5.1.4.38.", "1.2.840.10008.5.1.4.39.",
+    "1.2.840.10008.5.1.4.41", "1.2.840.10008.5.1.4.42", "1.2.840.10008.5.1.4.43.", "1.2.840.10008.5.1.4.44.",
+    "1.2.840.10008.5.1.4.45.", "1.2.840.10008.5.1.1.", "1.2.840.10008.1.20.", "1.2.840.10008.1.40",
+    "1.2.840.10008.1.42", "1.2.840.10008.3.1.2.", "1.2.840.10008.4.2", "1.2.840.10008.5.1.4.20.",
+)
+
+_PDU_HEADER = struct.Struct(">BxI")
+_PDV_HEADER = struct.Struct(">IBB")
+_ELEMENT = struct.Struct("<HHI")
+
+
+class ProtocolError(Exception):
+    """The peer broke the upper-layer or DIMSE protocol; the association is aborted with ``reason``."""
+
+    def __init__(self, message: str, reason: int = ABORT_NOT_SPECIFIED) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(slots=True)
+class StoreRequest:
+    """One C-STORE request as received, for the ``store`` callback.
+
+    Attributes
+    ----------
+    calling_ae, called_ae : str
+        AE titles from the A-ASSOCIATE-RQ, without padding.
+    host : str
+        The peer's IP address.
+    sop_class_uid : str
+        The presentation context's abstract syntax.
+    transfer_syntax : str
+        The transfer syntax accepted on that context: the encoding of ``dataset``.
+    affected_sop_class_uid, affected_sop_instance_uid : str
+        From the command set, (0000,0002) and (0000,1000).
+    message_id : int
+        (0000,0110) of the request.
+    dataset : bytearray
+        The data set exactly as received: the concatenated P-DATA fragments, no file meta.
+    """
+
+    calling_ae: str
+    called_ae: str
+    host: str
+    sop_class_uid: str
+    transfer_syntax: str
+    affected_sop_class_uid: str
+    affected_sop_instance_uid: str
+    message_id: int
+    dataset: bytearray
+
+    def file_meta(self) -> bytes:
+        """The Part 10 header (preamble, ``DICM`` and the file meta group) for writing ``dataset`` as a file.
+
+        ``file_meta() + dataset`` is a complete DICOM file in the transfer syntax the instance arrived in.
+        """
+        return part10_header(self.affected_sop_class_uid or self.sop_class_uid, self.affected_sop_instance_uid,
+                             self.transfer_syntax, source_ae=self.calling_ae)
+
+
+@dataclass(slots=True)
+class AssociationInfo:
+    """What one association did, given to ``on_association`` when it ends and logged as one event."""
+
+    calling_ae: str
+    called_ae: str
+    host: str
+    port: int
+    started: float
+    instances: int = 0
+    bytes: int = 0
+    echoes: int = 0
+    failures: int = 0
+    seconds: float = 0.0
+    outcome: str = "open"
+
+
+@dataclass(slots=True)
+class _Context:
+    abstract_syntax: str
+    transfer_syntax: str
+
+
+@dataclass(slots=True)
+class _Negotiated:
+    calling_ae: str
+    called_ae: str
+    peer_max_pdu: int
+    contexts: dict[int, _Context] = field(default_factory=dict)
+
+
+def is_storage_like(uid: str) -> bool:
+    """False for abstract syntaxes of well-known non-storage services (query/retrieve, worklist, MPPS, print, ...)."""
+    return uid != VERIFICATION and not uid.startswith(_NOT_STORAGE_PREFIXES)
+
+
+class FastStorageSCP:
+    """C-STORE and C-ECHO service class provider on a plain TCP (or TLS) socket.
+
+    Parameters
+    ----------
+    ae_title : str
+        Our AE title (any called AE title is accepted, like the node always did).
+    host, port : str, int
+        Where to listen; port 0 picks a free port (see :attr:`port`).
+    store : callable
+        ``store(StoreRequest) -> (status, error_comment)``; called on the association's thread once
+        the last data set fragment arrived. The status goes back in the C-STORE-RSP, with
+        ErrorComment (0000,0902) when the comment is not empty. An exception becomes 0xC211.
+    allow : callable
+        ``allow(calling_ae, peer_host) -> bool``; False rejects the association (calling AE title
+        not recognised).
+    max_associations : int
+        Associations beyond this are rejected (transient, local limit exceeded).
+    max_pdu : int
+        Our maximum P-DATA-TF length, announced in the A-ASSOCIATE-AC.
+    network_timeout : float
+        Seconds of silence from the peer before the association is aborted.
+    reuse_port : bool
+        Set SO_REUSEPORT so several processes can share the port.
+    ssl_context : ssl.SSLContext, optional
+        Server-side TLS context; accepted sockets are wrapped (handshake on the association thread).
+    on_association : callable, optional
+        Called with an :class:`AssociationInfo` when an established association ends.
+    accept_sop_class : callable
+        Decides, per proposed abstract syntax, whether a storage context is accepted.
+    """
+
+    def __init__(self, ae_title: str, host: str, port: int, *,
+                 store: Callable[[StoreRequest], tuple[int, str]],
+                 allow: Callable[[str, str], bool],
+                 max_associations: int = 16, max_pdu: int = 1 << 20, network_timeout: float = 60,
+                 reuse_port: bool = False, ssl_context: ssl.SSLContext | None = None,
+                 on_association: Callable[[AssociationInfo], None] | None = None,
+                 accept_sop_class: Callable[[str], bool] = lambda uid: True) -> None:
+        if not 4096 <= max_pdu <= 0xFFFFFFFF:
+            raise ValueError(f"max_pdu must be between 4096 and 4294967295 bytes, got {max_pdu}")
+        if max_associations < 1:
+            raise ValueError(f"max_associations must be at least 1, got {max_associations}")
+        self.ae_title = ae_title
+        self.host = host
+        self._requested_port = port
+        self.store = store
+        self.allow = allow
+        self.max_associations = max_associations
+        self.max_pdu = max_pdu
+        self.network_timeout = network_timeout
+        self.reuse_port = reuse_port
+        self.ssl_context = ssl_context
+        self.on_association = on_association
+        self.accept_sop_class = accept_sop_class
+        self._listener: socket.socket | None = None
+        self._accept_thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._connections: dict[threading.Thread, socket.socket] = {}
+        self._active = 0
+
+    # -- life cycle ----------------------------------------------------------
+
+    def start(self) -> None:
+        """Bind and listen, then accept on a background thread; returns at once."""
+        if self._listener is not None:
+            raise RuntimeError("the SCP is already started")
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        self._listener = socket.create_server((self.host, self._requested_port), family=family, backlog=128,
+                                              reuse_port=self.reuse_port and hasattr(socket, "SO_REUSEPORT"))
+        self._stopping.clear()
+        self._accept_thread = threading.Thread(target=self._accept_loop, name=f"fastscp-accept-{self.port}", daemon=True)
+        self._accept_thread.start()
+        log.info("fastscp_listening", ae_title=self.ae_title, host=self.host, port=self.port,
+                 tls=self.ssl_context is not None, max_pdu=self.max_pdu, max_associations=self.max_associations)
+
+    @property
+    def port(self) -> int:
+        """The bound port (the free one the system chose when started with port 0)."""
+        if self._listener is None:
+            raise RuntimeError("the SCP is not started")
+        return int(self._listener.getsockname()[1])
+
+    @property
+    def active_associations(self) -> int:
+        """Connections being negotiated or served right now."""
+        return self._active
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop accepting, end open associations and join their threads.
+
+        A store callback that is running finishes and its response is sent; then the
+        association's reads see end of stream and it closes.
+        """
+        if self._listener is None:
+            return
+        self._stopping.set()
+        listener, self._listener = self._listener, None
+        try:
+            listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+        except OSError:
+            pass
+        listener.close()
+        if self._accept_thread is not None:
+            self._accept_thread.join(timeout)
+            self._accept_thread = None
+        with self._lock:
+            connections = list(self._connections.items())
+        for _, conn in connections:
+            try:
+                conn.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
+        deadline = time.monotonic() + timeout
+        for thread, _ in connections:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    # -- accepting -----------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        listener = self._listener
+        assert listener is not None
+        while not self._stopping.is_set():
+            try:
+                conn, address = listener.accept()
+            except OSError:
+                if self._stopping.is_set():
+                    return
+                time.sleep(0.01)  # e.g. EMFILE: let connections close before trying again
+                continue
+            try:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+            with self._lock:
+                over_limit = self._active >= self.max_associations
+                self._active += 1
+            thread = threading.Thread(target=self._serve, args=(conn, address, over_limit),
+                                      name=f"fastscp-{address[0]}:{address[1]}", daemon=True)
+            with self._lock:
+                self._connections[thread] = conn
+            thread.start()
+
+    def _serve(self, conn: socket.socket, address: tuple, over_limit: bool) -> None:
+        try:
+            _Association(self, conn, address).run(over_limit)
+        except Exception as exc:  # the last line of defence: a bug must never take the acceptor down
+            log.error("fastscp_association_crashed", host=address[0], error=f"{type(exc).__name__}: {exc}")
+        finally:
+            try:
+                conn.close()
+            except OSError:
+                pass
+            with self._lock:
+                self._active -= 1
+                self._connections.pop(threading.current_thread(), None)
+
+
+class _Association:
+    """One connection from A-ASSOCIATE-RQ to release or abort, on its own thread."""
+
+    def __init__(self, scp: FastStorageSCP, conn: socket.socket, address: tuple) -> None:
+        self.scp = scp
+        self.sock = conn
+        self.host = str(address[0])
+        self.port = int(address[1])
+        self.header = bytearray(6)
+        self.header_view = memoryview(self.header)
+        self.buffer = bytearray(scp.max_pdu)
+        self.view = memoryview(self.buffer)
+        self.info = AssociationInfo(calling_ae="", called_ae="", host=self.host, port=self.port, started=time.monotonic())
+
+    # -- socket primitives ---------------------------------------------------
+
+    def _recv_exact(self, view: memoryview) -> None:
+        got, need = 0, len(view)
+        recv_into = self.sock.recv_into
+        while got < need:
+            n = recv_into(view[got:], need - got)
+            if n == 0:
+                raise ConnectionError("peer closed the connection")
+            got += n
+
+    def _read_pdu(self, limit: int) -> tuple[int, memoryview]:
+        self._recv_exact(self.header_view)
+        pdu_type, length = _PDU_HEADER.unpack(self.header)
+        if pdu_type not in (_ASSOCIATE_RQ, _ASSOCIATE_AC, _ASSOCIATE_RJ, _P_DATA_TF, _RELEASE_RQ, _RELEASE_RP, _ABORT):
+            raise ProtocolError(f"unrecognised PDU type 0x{pdu_type:02x}", ABORT_UNRECOGNIZED_PDU)
+        if length > limit:
+            raise ProtocolError(f"PDU of {length} bytes exceeds the {limit}-byte maximum", ABORT_INVALID_PARAMETER)
+        if length > len(self.buffer):
+            self.buffer = bytearray(length)
+            self.view = memoryview(self.buffer)
+        body = self.view[:length]
+        self._recv_exact(body)
+        return pdu_type, body
+
+    def _send_abort(self, reason: int, source: int = 2) -> None:
+        try:
+            self.sock.sendall(bytes((_ABORT, 0, 0, 0, 0, 4, 0, 0, source, reason)))
+        except OSError:
+            pass
+
+    # -- association ---------------------------------------------------------
+
+    def run(self, over_limit: bool) -> None:
+        scp = self.scp
+        self.sock.settimeout(scp.network_timeout or None)
+        try:
+            if scp.ssl_context is not None:
+                self.sock = scp.ssl_context.wrap_socket(self.sock, server_side=True)
+            pdu_type, body = self._read_pdu(_MAX_CONTROL_PDU)
+            if pdu_type != _ASSOCIATE_RQ:
+                raise ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02x}", ABORT_UNEXPECTED_PDU)
+            rq = parse_associate_rq(body)
+        except (ProtocolError, OSError, ssl.SSLError, ConnectionError) as exc:
+            self._fail_before_association(exc)
+            return
+        self.info.calling_ae, self.info.called_ae = rq.calling_ae, rq.called_ae
+        reject = self._check(rq, over_limit)
+        if reject is not None:
+            try:
+                self.sock.sendall(encode_associate_rj(*reject))
+            except OSError:
+                pass
+            log.warning("fastscp_association_rejected", calling_ae=rq.calling_ae, called_ae=rq.called_ae, host=self.host,
+                        reason=_REJECT_TEXT[reject])
+            return
+        negotiated = negotiate(rq, scp.accept_sop_class)
+        try:
+            self.sock.sendall(encode_associate_ac(rq, negotiated, scp.max_pdu))
+            outcome = self._dimse_loop(negotiated)
+        except ProtocolError as exc:
+            self._send_abort(exc.reason)
+            outcome = f"aborted: {exc}"
+        except (TimeoutError, socket.timeout):
+            self._send_abort(ABORT_NOT_SPECIFIED)
+            outcome = "aborted: network timeout"
+        except (OSError, ConnectionError, ssl.SSLError) as exc:
+            outcome = f"aborted: connection lost ({type(exc).__name__})"
+        self._finish(outcome)
+
+    def _fail_before_association(self, exc: BaseException) -> None:
+        if isinstance(exc, ProtocolError):
+            self._send_abort(exc.reason)
+        elif isinstance(exc, (TimeoutError, socket.timeout)):
+            self._send_abort(ABORT_NOT_SPECIFIED)
+        log.warning("fastscp_association_failed", host=self.host, stage="negotiation",
+                    error=f"{type(exc).__name__}: {exc}")
+
+    def _check(self, rq: "AssociateRequest", over_limit: bool) -> tuple[int, int, int] | None:
+        if not rq.protocol_version & 1:
+            return REJECT_PROTOCOL_VERSION
+        if rq.application_context != APPLICATION_CONTEXT:
+            return REJECT_APPLICATION_CONTEXT
+        try:
+            allowed = self.scp.allow(rq.calling_ae, self.host)
+        except Exception as exc:  # a broken allow-list must refuse, not crash
+            log.error("fastscp_allow_failed", error=f"{type(exc).__name__}: {exc}")
+            allowed = False
+        if not allowed:
+            return REJECT_CALLING_AE
+        if over_limit:
+            return REJECT_LOCAL_LIMIT
+        return None
+
+    def _finish(self, outcome: str) -> None:
+        info = self.info
+        info.outcome = outcome
+        info.seconds = round(time.monotonic() - info.started, 3)
+        event = log.info if outcome == "released" else log.warning
+        event("fastscp_association", outcome=outcome, calling_ae=info.calling_ae, called_ae=info.called_ae,
+              host=info.host, instances=info.instances, bytes=info.bytes, echoes=info.echoes, failures=info.failures,
+              seconds=info.seconds)
+        if self.scp.on_association is not None:
+            try:
+                self.scp.on_association(info)
+            except Exception as exc:
+                log.error("fastscp_on_association_failed", error=f"{type(exc).__name__}: {exc}")
+
+    # -- DIMSE ---------------------------------------------------------------
+
+    def _dimse_loop(self, neg: _Negotiated) -> str:
+        contexts = neg.contexts
+        max_pdu = self.scp.max_pdu
+        command = bytearray()
+        fields: dict[int, bytes] | None = None  # a parsed command waiting for its data set
+        dataset = bytearray()
+        context_id = 0
+        pdv_header = _PDV_HEADER.unpack_from
+        while True:
+            pdu_type, body = self._read_pdu(max_pdu)
+            if pdu_type == _RELEASE_RQ:
+                self.sock.sendall(bytes((_RELEASE_RP, 0, 0, 0, 0, 4, 0, 0, 0, 0)))
+                return "released" if fields is None and not command else "released mid-message"
+            if pdu_type == _ABORT:
+                return "aborted by peer"
+            if pdu_type != _P_DATA_TF:
+                raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02x} on an established association",
+                                    ABORT_UNEXPECTED_PDU)
+            offset, end = 0, len(body)
+            if end < 6:
+                raise ProtocolError("P-DATA-TF without a PDV item", ABORT_INVALID_PARAMETER)
+            while offset < end:
+                if end - offset < 6:
+                    raise ProtocolError("truncated PDV item header", ABORT_INVALID_PARAMETER)
+                length, pcid, mch = pdv_header(body, offset)
+                if length < 2 or offset + 4 + length > end:
+                    raise ProtocolError(f"PDV item length {length} does not fit its PDU", ABORT_INVALID_PARAMETER)
+                fragment = body[offset + 6: offset + 4 + length]
+                offset += 4 + length
+                if pcid not in contexts:
+                    raise ProtocolError(f"PDV on presentation context {pcid}, which was not accepted",
+                                        ABORT_UNEXPECTED_PARAMETER)
+                if mch & 1:
+                    if fields is not None or (command and pcid != context_id):
+                        raise ProtocolError("command fragment while a data set was expected", ABORT_UNEXPECTED_PARAMETER)
+                    context_id = pcid
+                    command += fragment
+                    if not mch & 2:
+                        continue
+                    parsed = parse_command(command)
+                    command = bytearray()
+                    if _uint(parsed.get(0x0800), 2, NO_DATA_SET) == NO_DATA_SET:
+                        self._dispatch(neg, pcid, parsed, None)
+                    else:
+                        fields = parsed
+                else:
+                    if fields is None or pcid != context_id:
+                        raise ProtocolError("data set fragment without its command", ABORT_UNEXPECTED_PARAMETER)
+                    dataset += fragment
+                    if mch & 2:
+                        done, fields = fields, None
+                        self._dispatch(neg, pcid, done, dataset)
+                        dataset = bytearray()
+
+    def _dispatch(self, neg: _Negotiated, pcid: int, fields: dict[int, bytes], dataset: bytearray | None) -> None:
+        ctx = neg.contexts[pcid]
+        cmd = _uint(fields.get(0x0100), 2, -1)
+        message_id = _uint(fields.get(0x0110), 2, 0)
+        if cmd == C_STORE_RQ:
+            status, comment = self._store(neg, ctx, fields, message_id, dataset)
+            rsp = encode_command(C_STORE_RSP, message_id, status, _text(fields.get(0x0002)), _text(fields.get(0x1000)),
+                                 comment)
+        elif cmd == C_ECHO_RQ:
+            self.info.echoes += 1
+            rsp = encode_command(C_ECHO_RSP, message_id, SUCCESS, _text(fields.get(0x0002)) or ctx.abstract_syntax, "")
+        elif cmd == C_CANCEL_RQ:
+            return  # nothing of ours is cancellable; C-CANCEL has no response
+        elif cmd in _ANSWERED_UNSUPPORTED:
+            self.info.failures += 1
+            rsp = encode_command(cmd | 0x8000, message_id, UNRECOGNIZED_OPERATION,
+                                 _text(fields.get(0x0002) or fields.get(0x0003)),
+                                 _text(fields.get(0x1000) or fields.get(0x1001)), "")
+        else:
+            raise ProtocolError(f"unexpected DIMSE command 0x{cmd:04x}", ABORT_UNEXPECTED_PARAMETER)
+        self.sock.sendall(encode_p_data(pcid, rsp, neg.peer_max_pdu))
+
+    def _store(self, neg: _Negotiated, ctx: _Context, fields: dict[int, bytes], message_id: int,
+               dataset: bytearray | None) -> tuple[int, str]:
+        if dataset is None:
+            self.info.failures += 1
+            return CANNOT_UNDERSTAND, "C-STORE request without a data set"
+        request = StoreRequest(
+            calling_ae=neg.calling_ae, called_ae=neg.called_ae, host=self.host, sop_class_uid=ctx.abstract_syntax,
+            transfer_syntax=ctx.transfer_syntax, affected_sop_class_uid=_text(fields.get(0x0002)),
+            affected_sop_instance_uid=_text(fields.get(0x1000)), message_id=message_id, dataset=dataset)
+        try:
+            status, comment = self.scp.store(request)
+        except Exception as exc:
+            log.error("fastscp_store_failed", sop_uid=request.affected_sop_instance_uid,
+                      error=f"{type(exc).__name__}: {exc}")
+            status, comment = PROCESSING_FAILURE, "the node could not process the instance"
+        if status == SUCCESS or 0xB000 <= status <= 0xBFFF:  # success and warnings both mean stored
+            self.info.instances += 1
+            self.info.bytes += len(dataset)
+        else:
+            self.info.failures += 1
+        return int(status), comment or ""
+
+
+_REJECT_TEXT = {
+    REJECT_CALLING_AE: "calling AE title not recognised",
+    REJECT_APPLICATION_CONTEXT: "application context name not supported",
+    REJECT_PROTOCOL_VERSION: "protocol version not supported",
+    REJECT_LOCAL_LIMIT: "local limit exceeded (too many associations)",
+}
+
+
+# -- association PDUs (PS3.8 9.3.2-9.3.4) -----------------------------------------------------
+
+@dataclass(slots=True)
+class AssociateRequest:
+    """The parts of an A-ASSOCIATE-RQ the acceptor needs."""
+
+    protocol_version: int
+    called_ae: str
+    calling_ae: str
+    application_context: str = ""
+    contexts: list[tuple[int, str, list[str]]] = field(default_factory=list)  # (id, abstract syntax, transfer syntaxes)
+    max_pdu: int = 0
+    implementation_class_uid: str = ""
+
+
+def _uid(raw: bytes | memoryview) -> str:
+    return bytes(raw).rstrip(b"\x00 ").decode("ascii", "replace").strip()
+
+
+def parse_associate_rq(body: bytes | memoryview) -> AssociateRequest:
+    """Decode the variable part of an A-ASSOCIATE-RQ PDU (everything after its 6-byte header).
+
+    Raises
+    ------
+    ProtocolError
+        When an item is truncated or overruns its parent.
+    """
+    body = memoryview(body)
+    if len(body) < 68:
+        raise ProtocolError(f"A-ASSOCIATE-RQ of {len(body)} bytes is shorter than its fixed part", ABORT_INVALID_PARAMETER)
+    version = struct.unpack_from(">H", body, 0)[0]
+    rq = AssociateRequest(protocol_version=version, called_ae=_uid(body[4:20]), calling_ae=_uid(body[20:36]))
+    for item_type, item in _items(body[68:], 2):
+        if item_type == 0x10:
+            rq.application_context = _uid(item)
+        elif item_type == 0x20:
+            if len(item) < 4:
+                raise ProtocolError("presentation context item too short", ABORT_INVALID_PARAMETER)
+            abstract, transfers = "", []
+            for sub_type, sub in _items(item[4:], 2):
+                if sub_type == 0x30:
+                    abstract = _uid(sub)
+                elif sub_type == 0x40:
+                    transfers.append(_uid(sub))
+            rq.contexts.append((item[0], abstract, transfers))
+        elif item_type == 0x50:
+            for sub_type, sub in _items(item, 2):
+                if sub_type == 0x51 and len(sub) >= 4:
+                    rq.max_pdu = struct.unpack_from(">I", sub, 0)[0]
+                elif sub_type == 0x52:
+                    rq.implementation_class_uid = _uid(sub)
+    return rq
+
+
+def _items(data: memoryview, length_size: int):
+    """Yield (type, value) of consecutive items: type (1), reserved (1), length (2 bytes, big endian)."""
+    offset, end = 0, len(data)
+    while offset < end:
+        if end - offset < 4:
+            raise ProtocolError("truncated item header in A-ASSOCIATE-RQ", ABORT_INVALID_PARAMETER)
+        item_type = data[offset]
+        length = struct.unpack_from(">H", data, offset + 2)[0]
+        if offset + 4 + length > end:
+            raise ProtocolError(f"item 0x{item_type:02x} overruns the A-ASSOCIATE-RQ", ABORT_INVALID_PARAMETER)
+        yield item_type, data[offset + 4: offset + 4 + length]
+        offset += 4 + length
+
+
+def negotiate(rq: AssociateRequest, accept_sop_class: Callable[[str], bool]) -> _Negotiated:
+    """Accept Verification with Implicit VR LE and storage contexts in their first proposed syntax.
+
+    The node keeps instances in the syntax they arrived in, so the sender's first preference wins.
+    """
+    neg = _Negotiated(calling_ae=rq.calling_ae, called_ae=rq.called_ae, peer_max_pdu=rq.max_pdu)
+    for pcid, abstract, transfers in rq.contexts:
+        if not transfers:
+            continue
+        if abstract == VERIFICATION:
+            if IMPLICIT_VR_LE in transfers:
+                neg.contexts[pcid] = _Context(abstract, IMPLICIT_VR_LE)
+            continue
+        try:
+            accept = bool(abstract) and is_storage_like(abstract) and accept_sop_class(abstract)
+        except Exception as exc:
+            log.error("fastscp_accept_sop_class_failed", sop_class=abstract, error=f"{type(exc).__name__}: {exc}")
+            accept = False
+        if accept:
+            neg.contexts[pcid] = _Context(abstract, transfers[0])
+    return neg
+
+
+def _item(item_type: int, value: bytes) -> bytes:
+    return struct.pack(">BxH", item_type, len(value)) + value
+
+
+def encode_associate_ac(rq: AssociateRequest, neg: _Negotiated, max_pdu: int) -> bytes:
+    """A-ASSOCIATE-AC answering every proposed context: accepted ones with their syntax, the rest with result 3."""
+    parts = [_item(0x10, APPLICATION_CONTEXT.encode())]
+    for pcid, abstract, transfers in rq.contexts:
+        ctx = neg.contexts.get(pcid)
+        if ctx is not None:
+            result, ts = CONTEXT_ACCEPTED, ctx.transfer_syntax
+        else:
+            result, ts = CONTEXT_ABSTRACT_SYNTAX_NOT_SUPPORTED, (transfers[0] if transfers else IMPLICIT_VR_LE)
+        parts.append(_item(0x21, bytes((pcid, 0, result, 0)) + _item(0x40, ts.encode())))
+    user = (_item(0x51, struct.pack(">I", max_pdu)) + _item(0x52, IMPLEMENTATION_CLASS_UID.encode())
+            + _item(0x55, IMPLEMENTATION_VERSION_NAME.encode()))
+    parts.append(_item(0x50, user))
+    fixed = (struct.pack(">HH", 1, 0) + rq.called_ae.encode("ascii", "replace")[:16].ljust(16)
+             + rq.calling_ae.encode("ascii", "replace")[:16].ljust(16) + bytes(32))
+    body = fixed + b"".join(parts)
+    return struct.pack(">BxI", _ASSOCIATE_AC, len(body)) + body
+
+
+def encode_associate_rj(result: int, source: int, reason: int) -> bytes:
+    return bytes((_ASSOCIATE_RJ, 0, 0, 0, 0, 4, 0, result, source, reason))
+
+
+# -- DIMSE command sets (PS3.7 E.1, Implicit VR Little Endian) ------------------------------
+
+def parse_command(data: bytes | bytearray) -> dict[int, bytes]:
+    """Element number -> raw value for a group 0000 command set.
+
+    Raises
+    ------
+    ProtocolError
+        When an element is truncated or outside group 0000.
+    """
+    fields: dict[int, bytes] = {}
+    offset, end = 0, len(data)
+    unpack = _ELEMENT.unpack_from
+    while offset < end:
+        if end - offset < 8:
+            raise ProtocolError("truncated element in the DIMSE command set", ABORT_INVALID_PARAMETER)
+        group, element, length = unpack(data, offset)
+        offset += 8
+        if group != 0 or offset + length > end:
+            raise ProtocolError("malformed DIMSE command set", ABORT_INVALID_PARAMETER)
+        fields[element] = bytes(data[offset: offset + length])
+        offset += length
+    if 0x0100 not in fields:
+        raise ProtocolError("DIMSE command set without CommandField (0000,0100)", ABORT_INVALID_PARAMETER)
+    return fields
+
+
+def _uint(raw: bytes | None, size: int, default: int) -> int:
+    if raw is None or len(raw) < size:
+        return default
+    return int.from_bytes(raw[:size], "little")
+
+
+def _text(raw: bytes | None) -> str:
+    return raw.rstrip(b"\x00 ").decode("ascii", "replace") if raw else ""
+
+
+def _element(element: int, value: bytes) -> bytes:
+    return _ELEMENT.pack(0, element, len(value)) + value
+
+
+def _padded(text: str, pad: bytes) -> bytes:
+    raw = text.encode("ascii", "replace")
+    return raw + pad if len(raw) % 2 else raw
+
+
+def encode_command(command: int, message_id: int, status: int, sop_class: str, sop_instance: str = "",
+                   comment: str = "") -> bytes:
+    """A response command set: group length first, then ascending tags, Implicit VR Little Endian."""
+    body = b""
+    if sop_class:
+        body += _element(0x0002, _padded(sop_class, b"\x00"))
+    body += _element(0x0100, struct.pack("<H", command))
+    body += _element(0x0120, struct.pack("<H", message_id))
+    body += _element(0x0800, struct.pack("<H", NO_DATA_SET))
+    body += _element(0x0900, struct.pack("<H", status))
+    if comment:
+        body += _element(0x0902, _padded(comment[:64], b" "))
+    if sop_instance:
+        body += _element(0x1000, _padded(sop_instance, b"\x00"))
+    return _element(0x0000, struct.pack("<I", len(body))) + body
+
+
+def encode_p_data(context_id: int, command: bytes, peer_max_pdu: int) -> bytes:
+    """The command set as P-DATA-TF PDUs, split only when the peer's maximum PDU length is smaller."""
+    chunk = len(command) if not peer_max_pdu else max(1, min(len(command), peer_max_pdu - 6))
+    out = []
+    for start in range(0, len(command), chunk):
+        piece = command[start: start + chunk]
+        mch = 0x03 if start + chunk >= len(command) else 0x01
+        pdv = struct.pack(">IBB", len(piece) + 2, context_id, mch) + piece
+        out.append(struct.pack(">BxI", _P_DATA_TF, len(pdv)) + pdv)
+    return b"".join(out)
+
+
+# -- Part 10 file header ---------------------------------------------------------------------
+
+def _explicit(group: int, element: int, vr: bytes, value: bytes) -> bytes:
+    if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT"):
+        return struct.pack("<HH2sxxI", group, element, vr, len(value)) + value
+    return struct.pack("<HH2sH", group, element, vr, len(value)) + value
+
+
+def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, source_ae: str = "") -> bytes:
+    """128-byte preamble, ``DICM`` and the file meta information group (PS3.10 7.1), Explicit VR LE."""
+    meta = (_explicit(2, 0x0001, b"OB", b"\x00\x01")
+            + _explicit(2, 0x0002, b"UI", _padded(sop_class_uid, b"\x00"))
+            + _explicit(2, 0x0003, b"UI", _padded(sop_instance_uid, b"\x00"))
+            + _explicit(2, 0x0010, b"UI", _padded(transfer_syntax, b"\x00"))
+            + _explicit(2, 0x0012, b"UI", _padded(IMPLEMENTATION_CLASS_UID, b"\x00"))
+            + _explicit(2, 0x0013, b"SH", _padded(IMPLEMENTATION_VERSION_NAME, b" ")))
+    if source_ae:
+        meta += _explicit(2, 0x0016, b"AE", _padded(source_ae[:16], b" "))
+    return bytes(128) + b"DICM" + _explicit(2, 0x0000, b"UL", struct.pack("<I", len(meta))) + meta
