@@ -9,7 +9,7 @@ from pathlib import Path
 
 import structlog
 from pydicom import dcmread
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom.presentation import build_context
 
 from .config import Config, Destination
@@ -23,6 +23,7 @@ _KEPT = {0x0000, 0xB000, 0xB007, 0xB006}
 
 
 def requestor_ae(cfg: Config) -> AE:
+    _config.STORE_SEND_CHUNKED_DATASET = True  # send files as stored, without decoding them
     ae = AE(ae_title=cfg.sender.ae_title or cfg.node.ae_title)
     ae.network_timeout = cfg.node.network_timeout
     ae.acse_timeout = cfg.node.network_timeout
