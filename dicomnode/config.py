@@ -137,8 +137,9 @@ class Config(_Strict):
         for i, caller in enumerate(self.callers):
             if caller.destination is not None and caller.destination not in self.destinations:
                 raise ValueError(
-                    f"callers[{i}].destination {caller.destination!r} is not a configured destination; "
-                    f"add it under destinations: or use one of {sorted(self.destinations) or 'none'}"
+                    f"callers[{i}].destination: {caller.destination!r} is not a configured destination; "
+                    + (f"use one of {', '.join(sorted(self.destinations))} or add it under destinations:" if self.destinations
+                       else "add it under destinations: (name: {ae_title, host, port})")
                 )
         return self
 
@@ -174,13 +175,13 @@ class Config(_Strict):
 def _format_errors(exc: ValidationError, source: str) -> str:
     lines = []
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        key = ".".join(str(p) for p in err["loc"])
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key; check its spelling against config/node.yaml's documented keys"
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
-        lines.append(f"{source}: {key}: {msg}")
+        lines.append(f"{source}: {key}: {msg}" if key else f"{source}: {msg}")
     return "\n".join(lines)
 
 
