@@ -26,6 +26,7 @@ from .common import (
 )
 
 CAPTION = "AI evidence \u2014 not a diagnosis"
+MIN_WIDTH = 320
 
 # A perceptually ordered blue-cyan-yellow-red scale; stops are (position, R, G, B).
 _STOPS = np.array(
@@ -94,9 +95,16 @@ def _encode_one(result, study, ctx, template, heatmap: Heatmap, series_uid: str,
     if result.not_for_clinical_use:
         detail += " \u00b7 phantom-trained model, not for clinical use"
     lines.append(detail)
-    pixels = _with_legend(overlay(grey, np.clip(data, 0.0, 1.0)), lines)
+    # Small images (e.g. 64x64 CT slices) are enlarged by a whole factor so the caption stays legible.
+    factor = max(1, -(-MIN_WIDTH // grey.shape[1]))
+    rgb = overlay(grey, np.clip(data, 0.0, 1.0))
+    if factor > 1:
+        rgb = rgb.repeat(factor, axis=0).repeat(factor, axis=1)
+    pixels = _with_legend(rgb, lines)
 
     spacing = imaging.pixel_spacing(src)
+    if spacing is not None:
+        spacing = (spacing[0] / factor, spacing[1] / factor)
     orientation = src.get("PatientOrientation")
     sc = hd.sc.SCImage(
         pixel_array=pixels,

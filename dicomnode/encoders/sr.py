@@ -340,8 +340,7 @@ def _qualitative(f: Finding, template: Template, ref_dataset, heatmap_images) ->
     evaluation = hd.sr.QualitativeEvaluation(name=template.findings[f.key].concept, value=_finding_value(f, template))
     children = _finding_children(f, template, ref_dataset, heatmap_images)
     if f.site is not None:
-        site = template.sites[f.site]
-        children.insert(0, hd.sr.CodeContentItem(name=codes.SCT.FindingSite, value=site.concept, relationship_type=_REL.HAS_CONCEPT_MOD))
+        children.insert(0, _finding_site(f.site, template))
     if children:
         evaluation[0].ContentSequence = hd.sr.ContentSequence(children)
     return evaluation
@@ -402,7 +401,7 @@ def _root_evaluations(result, template, root_findings, ref_dataset, heatmap_imag
         item = hd.sr.CodeContentItem(name=template.findings[f.key].concept, value=_finding_value(f, template), relationship_type=_REL.CONTAINS)
         children = _finding_children(f, template, ref_dataset, heatmap_images)
         if f.site is not None:
-            children.insert(0, hd.sr.CodeContentItem(name=codes.SCT.FindingSite, value=template.sites[f.site].concept, relationship_type=_REL.HAS_CONCEPT_MOD))
+            children.insert(0, _finding_site(f.site, template))
         if children:
             item.ContentSequence = hd.sr.ContentSequence(children)
         items.append(item)

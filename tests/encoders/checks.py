@@ -189,12 +189,13 @@ def check_sc(paths: list[Path], result: AnalysisResult, template: Template, stud
         assert sc.PhotometricInterpretation == "RGB" and sc.SamplesPerPixel == 3 and sc.BitsAllocated == 8
         assert sc.BurnedInAnnotation == "YES"
         assert "AI evidence \u2014 not a diagnosis" in sc.ImageComments
+        factor = int(sc.Columns) // int(src.Columns)
+        assert factor >= 1 and sc.Columns == factor * src.Columns and sc.Rows > factor * src.Rows
         spacing = imaging.pixel_spacing(src)
         if spacing is not None:
-            assert [float(x) for x in sc.PixelSpacing] == [float(x) for x in spacing]
-        assert sc.Columns == src.Columns and sc.Rows > src.Rows
+            assert np.allclose([float(x) * factor for x in sc.PixelSpacing], spacing, rtol=1e-5)
         assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
-        rgb = sc.pixel_array[: int(src.Rows)].astype(np.int16)
+        rgb = sc.pixel_array[: factor * int(src.Rows) : factor, ::factor].astype(np.int16)
         hot = heatmap.data > 0.5
         if hot.any():
             colour = np.abs(rgb[..., 0] - rgb[..., 2])

@@ -58,7 +58,7 @@ def fixture_result(study: Study) -> AnalysisResult:
         models=[ModelInfo("fixture-net", "0.3", "ab" * 32, phantom_trained=True)],
         findings=[
             Finding("cardiomegaly", True, probability=0.83, source=src, heatmap="hm_cardio"),
-            Finding("curves", ">1", probability=0.61, uncertainty=0.12, source=src),
+            Finding("curves", ">1", probability=0.61, uncertainty=0.12, source=src, site="left_lung"),
             Finding("fracture", False, probability=0.07, site="L3", group="L3"),
             Finding("pneumothorax", None),
         ],
