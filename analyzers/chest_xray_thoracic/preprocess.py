@@ -100,6 +100,22 @@ def to_net_input(display: np.ndarray) -> np.ndarray:
     return ((np.clip(small, 0, 1)[None] - mean) / std).astype(np.float32)
 
 
+def ensure_transfer_syntax(ds: "pydicom.Dataset") -> None:
+    """Give a dataset read without file meta (old ACR-NEMA style files) the syntax it was read with."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return
+    implicit, little = ds.original_encoding
+    if implicit is None:
+        return
+    if meta is None:
+        ds.file_meta = meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else (ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+
+
 def prepare(ds: "pydicom.Dataset") -> Prepared:
     """Decode, window and resize one chest radiograph.
 
@@ -109,6 +125,7 @@ def prepare(ds: "pydicom.Dataset") -> Prepared:
         For a non-chest, lateral, colour or undecodable image, or one without contrast.
     """
     check_header(ds)
+    ensure_transfer_syntax(ds)
     display = imaging.display_image(ds, 0)
     if min(display.shape) < 64:
         raise NotApplicable(f"image of {display.shape[1]}x{display.shape[0]} pixels is too small for a chest radiograph")

@@ -54,7 +54,7 @@ log = structlog.get_logger("dicomnode.analyzers.chest_xray_thoracic.train")
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 SEEDS = {"train": 1000, "val": 2000, "test": 3000}
-SMALL = DenseNetConfig(growth_rate=12, block_config=(3, 6, 8, 6), num_init_features=24, bn_size=2)
+SMALL = DenseNetConfig(growth_rate=12, block_config=(2, 4, 6, 4), num_init_features=16, bn_size=2)
 UNET_BASE = 8
 UNET_DOWNSAMPLE = 2
 SEG_VERSION = "1.0.0"
@@ -124,6 +124,15 @@ def to_input(img16: np.ndarray) -> torch.Tensor:
 # ---------------------------------------------------------------------------
 
 
+_STEPS = {"seg": 0, "cls": 0}
+
+
+def _progress(what: str, epoch: int, total: float, n: int, t0: float) -> None:
+    _STEPS[what] += 1
+    if _STEPS[what] % 20 == 0:
+        log.info(f"{what}_step", step=_STEPS[what], epoch=epoch + 1, seconds=round(time.time() - t0, 1))
+
+
 def train_seg(data: dict[str, np.ndarray], epochs: int, seed: int = 0, batch: int = 16) -> UNet:
     torch.manual_seed(seed)
     net = UNet(base=UNET_BASE, downsample=UNET_DOWNSAMPLE)
@@ -145,7 +154,8 @@ def train_seg(data: dict[str, np.ndarray], epochs: int, seed: int = 0, batch: in
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
+            _progress("seg", epoch, total, n, t0)
         log.info("seg_epoch", epoch=epoch + 1, of=epochs, loss=round(total / n, 4), seconds=round(time.time() - t0, 1))
     return net.eval()
 
@@ -194,7 +204,8 @@ def train_cls(images: np.ndarray, masks: np.ndarray, labels: np.ndarray, label_w
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * len(ids)
+            total += float(loss.detach()) * len(ids)
+            _progress("cls", epoch, total, n, t0)
         log.info("cls_epoch", epoch=epoch + 1, of=epochs, loss=round(total / n, 4), seconds=round(time.time() - t0, 1))
     return net.eval()
 
@@ -312,13 +323,22 @@ def stage_seg(args: argparse.Namespace) -> None:
     log.info("seg_val_dice", **{k: round(v, 4) for k, v in scores.items()})
 
 
+def load_classifier(path: Path) -> ThoracicClassifier:
+    saved = torch.load(path)
+    cfg = DenseNetConfig(**{**saved["cfg"], "block_config": tuple(saved["cfg"]["block_config"])})
+    net = ThoracicClassifier(cfg, dropout=0.1)
+    net.load_state_dict(saved["state"])
+    return net.eval()
+
+
 def stage_cls(args: argparse.Namespace) -> None:
     weight = np.asarray([1.0 if k in SYNTHESISED else 0.0 for k in LABELS], np.float32)
     if args.cxr14_csv:
         net = train_cxr14(args)
     else:
-        data = load_split(args.cache, "train")
-        net = train_cls(data["image"], data["seg"], data["labels"], weight, SMALL, args.epochs or 12, seed=args.seed)
+        data = {k: v[: args.n_cls] for k, v in load_split(args.cache, "train").items()}
+        start = load_classifier(args.cache / "cls.pt") if args.resume else None
+        net = train_cls(data["image"], data["seg"], data["labels"], weight, SMALL, args.epochs or 12, seed=args.seed, net=start)
     torch.save({"state": net.state_dict(), "cfg": net.cfg.as_dict()}, args.cache / "cls.pt")
     if not args.cxr14_csv:
         val = load_split(args.cache, "val")
@@ -358,11 +378,8 @@ def stage_export(args: argparse.Namespace) -> None:
     unet = UNet(base=UNET_BASE, downsample=UNET_DOWNSAMPLE)
     unet.load_state_dict(torch.load(args.cache / "unet.pt"))
     unet.eval()
-    saved = torch.load(args.cache / "cls.pt")
-    cfg = DenseNetConfig(**{**saved["cfg"], "block_config": tuple(saved["cfg"]["block_config"])})
-    net = ThoracicClassifier(cfg, dropout=0.1)
-    net.load_state_dict(saved["state"])
-    net.eval()
+    net = load_classifier(args.cache / "cls.pt")
+    cfg = net.cfg
 
     # operating points on validation phantoms, with the U-Net's masks as at inference
     val = load_split(args.cache, "val")
@@ -418,9 +435,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-train", type=int, default=1600)
     p.add_argument("--n-val", type=int, default=300)
     p.add_argument("--n-seg", type=int, default=800, help="training phantoms used for the U-Net")
+    p.add_argument("--n-cls", type=int, default=1600, help="training phantoms used for the classifier")
     p.add_argument("--n-test", type=int, default=200)
     p.add_argument("--epochs", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="cls: continue from the cached classifier")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cxr14-csv", type=Path)
