@@ -13,6 +13,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 
+from analyzers import imaging
 from analyzers.base import AnalysisResult, Region, Study, UncertaintyClass
 from sr_templates.loader import Template
 
@@ -112,11 +113,48 @@ def _encode_one(result, ctx, template: Template, regions: list[Region], datasets
         content_description=f"{result.analyzer} {result.analyzer_version} regions"[:64],
         graphic_annotations=graphic_annotations,
         graphic_layers=[layers[name] for name in LAYERS if name in used_layers],
+        voi_lut_transformations=_voi(referenced),
+        presentation_lut_transformation=_presentation_lut(referenced),
         institution_name=ctx.institution or None,
         contributing_equipment=contributing_equipment(result, ctx),
     )
     description = series_description(result.analyzer, "GSPS", template.series_description)
     return finish(gsps, referenced[0], ctx, description)
+
+
+def _voi(images: list[pydicom.Dataset]) -> list[hd.pr.SoftcopyVOILUTTransformation]:
+    """The source's own first window, else the percentile window the analyzers display with.
+
+    A presentation state replaces the image's VOI, so without one a raw 12-bit
+    radiograph would show almost black.
+    """
+    out = []
+    for ds in images:
+        centre, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+        if centre is not None and width is not None:
+            centre = float(centre[0] if isinstance(centre, pydicom.multival.MultiValue) else centre)
+            width = float(width[0] if isinstance(width, pydicom.multival.MultiValue) else width)
+        else:
+            values = imaging.modality_values(ds, imaging.frames(ds))
+            lo, hi = (float(v) for v in np.percentile(values, [0.5, 99.5]))
+            centre, width = (lo + hi) / 2.0, max(hi - lo, 1.0)
+        out.append(
+            hd.pr.SoftcopyVOILUTTransformation(
+                # One-element lists: highdicom 0.28 splits a plain-string explanation into characters.
+                window_center=[centre],
+                window_width=[width],
+                window_explanation=["source window" if "WindowCenter" in ds else "AI display window"],
+                referenced_images=hd.ReferencedImageSequence(referenced_images=[ds]),
+            )
+        )
+    return out
+
+
+def _presentation_lut(images: list[pydicom.Dataset]) -> hd.PresentationLUTTransformation:
+    """INVERSE for MONOCHROME1 sources, so bone stays white as on the original."""
+    mono1 = [str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1" for ds in images]
+    shape = hd.PresentationLUTShapeValues.INVERSE if all(mono1) else hd.PresentationLUTShapeValues.IDENTITY
+    return hd.PresentationLUTTransformation(presentation_lut_shape=shape)
 
 
 def _graphic(r: Region) -> hd.pr.GraphicObject:

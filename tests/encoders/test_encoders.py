@@ -162,3 +162,17 @@ def test_ct_series_seg_omits_empty_frames_and_references_each_slice(template, tm
     }
     assert referenced == {result.segmentations[0].sources[k].sop_instance_uid for k in (2, 3)}
     assert seg.FrameOfReferenceUID == study.series[0].instances[0].dataset.FrameOfReferenceUID
+
+
+def test_gsps_layers_carry_class_colours_and_keep_the_image_readable(template):
+    study = cr_study(seed=5)
+    src = study.series[0].instances[0].dataset
+    src.PhotometricInterpretation = "MONOCHROME1"
+    objects = encode_result(fixture_result(study), study, EncoderContext(), template)
+    pr = next(ds for ds in objects if ds.Modality == "PR")
+    colours = {layer.GraphicLayer: tuple(layer.GraphicLayerRecommendedDisplayCIELabValue) for layer in pr.GraphicLayerSequence}
+    assert {"AI_CERTAIN", "AI_HIGH", "AI_REGIONS"} <= set(colours)
+    assert len(set(colours.values())) == len(colours)
+    assert pr.PresentationLUTShape == "INVERSE"
+    voi = pr.SoftcopyVOILUTSequence[0]
+    assert float(voi.WindowWidth) > 1 and voi.ReferencedImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
