@@ -48,8 +48,8 @@ class NodeSection(_Strict):
     host: str = "0.0.0.0"
     port: int = Field(11112, ge=0, le=65535, description="0 picks a free port")
     max_associations: int = Field(16, ge=1, le=1024)
-    max_pdu: int = Field(0, ge=0, description="maximum PDU size we accept; 0 = unlimited")
-    receivers: int = Field(1, ge=1, le=64, description="receiver processes sharing the port (SO_REUSEPORT)")
+    max_pdu: int = Field(1 << 20, ge=4096, le=0xFFFFFFFF, description="maximum PDU length we announce")
+    engine: Literal["fast", "pynetdicom"] = Field("fast", description="upper-layer implementation of the storage SCP")
     tls: TLSConfig = TLSConfig()
     fsync: bool = True
     extra_sop_classes: list[str] = Field(default_factory=list, description="private storage SOP classes to accept")

@@ -21,12 +21,13 @@ import structlog
 from pydicom import dcmread
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
-from pydicom.filereader import read_dataset
+from pydicom.filereader import read_dataset, read_file_meta_info
 from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification, _STORAGE_CLASSES
 from pynetdicom.transport import ThreadedAssociationServer
 
 from .config import Config
+from .fastscp import FastStorageSCP, StoreRequest, is_storage_like, part10_header
 from .store import ROUTING_KEYWORDS, InstanceRecord, Store, to_jsonable, valid_uid
 
 log = structlog.get_logger("dicomnode.receiver")
@@ -56,8 +57,6 @@ class _AllowListAE(AE):
 
     @property  # type: ignore[override]
     def require_calling_aet(self) -> list[str]:
-        if not self.allowed:
-            return []
         assoc = threading.current_thread()
         host = getattr(getattr(assoc, "requestor", None), "address", None)
         titles = [ae for ae, h in self.allowed if h is None or h == host]
@@ -110,8 +109,6 @@ _ROUTING_TAGS = [(kw, tag_for_keyword(kw)) for kw in ROUTING_KEYWORDS]
 _IMPLICIT_LE = "1.2.840.10008.1.2"
 _EXPLICIT_BE = "1.2.840.10008.1.2.2"
 _DEFLATED = ("1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.4.95")
-IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1137.1"
-IMPLEMENTATION_VERSION = "DICOMNODE"
 
 
 def _text(ds: Dataset, tag: int) -> str:
@@ -181,27 +178,6 @@ def _native_pixel_bytes(ds: Dataset) -> int | None:
     return (rows * cols * frames * spp * bits + 7) // 8
 
 
-def file_meta(sop_class: str, sop_uid: str, transfer_syntax: str, source_ae: str | None = None) -> bytes:
-    """Preamble, prefix and File Meta Information group (always Explicit VR Little Endian)."""
-    def elem(tag_elem: int, vr: bytes, value: bytes) -> bytes:
-        if len(value) % 2:
-            value += b"\x00" if vr == b"UI" else b" "
-        if vr == b"OB":
-            return struct.pack("<HH2sHI", 0x0002, tag_elem, vr, 0, len(value)) + value
-        return struct.pack("<HH2sH", 0x0002, tag_elem, vr, len(value)) + value
-
-    body = b"".join([
-        elem(0x0001, b"OB", b"\x00\x01"),
-        elem(0x0002, b"UI", sop_class.encode()),
-        elem(0x0003, b"UI", sop_uid.encode()),
-        elem(0x0010, b"UI", transfer_syntax.encode()),
-        elem(0x0012, b"UI", IMPLEMENTATION_CLASS_UID.encode()),
-        elem(0x0013, b"SH", IMPLEMENTATION_VERSION.encode()),
-        *([elem(0x0016, b"AE", source_ae.strip().encode())] if source_ae and source_ae.strip() else []),
-    ])
-    return b"\x00" * 128 + b"DICM" + struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body)) + body
-
-
 def record_from(ds: Dataset, path: Path, size: int, calling_ae: str | None = None, host: str | None = None,
                 transfer_syntax: str | None = None) -> InstanceRecord:
     attrs = {}
@@ -226,13 +202,18 @@ def record_from(ds: Dataset, path: Path, size: int, calling_ae: str | None = Non
 
 
 def reindex_file(path: Path) -> InstanceRecord | None:
-    """An index record for a spool file (start-up reconciliation); None for an unreadable file."""
+    """An index record for a whole spool file (start-up reconciliation); None for a damaged one."""
     try:
-        ds = dcmread(path, stop_before_pixels=True, force=True)
-        return record_from(ds, path, path.stat().st_size)
-    except Exception as exc:  # a damaged spool file must not stop the node
-        log.warning("spool_file_unreadable", path=str(path), error=type(exc).__name__)
+        meta = read_file_meta_info(path)
+        ts = str(meta.TransferSyntaxUID)
+        raw = path.read_bytes()
+        start = 128 + 4 + 12 + int(meta.FileMetaInformationGroupLength)  # preamble, DICM, (0002,0000), group
+        ds = parse_dataset(memoryview(raw)[start:], ts)
+        return record_from(ds, path, len(raw), transfer_syntax=ts)
+    except Exception as exc:  # a file cut off mid-write was never acknowledged: set it aside
+        log.warning("spool_file_damaged", path=str(path), error=f"{type(exc).__name__}: {exc}", action="moved to quarantine")
         return None
+
 
 
 class Receiver:
@@ -243,6 +224,7 @@ class Receiver:
         self.store = store
         self.reuse_port = reuse_port
         self._server: ThreadedAssociationServer | None = None
+        self._scp: FastStorageSCP | None = None
         self._active = 0
         self._lock = threading.Lock()
         self.stored = 0
@@ -295,7 +277,7 @@ class Receiver:
             return ERROR_DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOPInstanceUID does not match request"
 
         path = self.store.spool_path(study_uid, series_uid, sop_uid)
-        meta = file_meta(sop_class, sop_uid, transfer_syntax, calling)
+        meta = part10_header(sop_class, sop_uid, transfer_syntax, source_ae=calling)
         try:
             size = self.store.write_durably(path, (meta, dataset))
             self.store.index_instance(record_from(ds, path, size, calling, host, transfer_syntax))
@@ -336,7 +318,7 @@ class Receiver:
 
     @property
     def active_associations(self) -> int:
-        return self._active
+        return self._scp.active_associations if self._scp is not None else self._active
 
     # -- life cycle ----------------------------------------------------------
 
@@ -364,7 +346,27 @@ class Receiver:
         ae.add_supported_context(Verification)
         return ae
 
+    def allowed(self, calling_ae: str, host: str) -> bool:
+        """The allow-list: a caller's AE title, from its host when one is configured."""
+        return any(c.ae_title == calling_ae.strip() and (c.host is None or c.host == host) for c in self.cfg.callers)
+
+    def _fast_store(self, req: StoreRequest) -> tuple[int, str]:
+        return self.store_bytes(req.dataset, req.transfer_syntax, req.sop_class_uid, req.affected_sop_instance_uid,
+                                req.calling_ae, req.host)
+
     def start(self) -> None:
+        if not self.cfg.callers:
+            log.warning("no_callers", note="callers: is empty, so every association is rejected; add the PACS under callers:")
+        if self.cfg.node.engine == "fast":
+            self._scp = FastStorageSCP(
+                self.cfg.node.ae_title, self.cfg.node.host, self.cfg.node.port, store=self._fast_store, allow=self.allowed,
+                max_associations=self.cfg.node.max_associations, max_pdu=self.cfg.node.max_pdu,
+                network_timeout=self.cfg.node.network_timeout, reuse_port=self.reuse_port, ssl_context=self._ssl_context(),
+                accept_sop_class=lambda uid: is_storage_like(uid))
+            self._scp.start()
+            log.info("receiver_listening", engine="fast", ae_title=self.cfg.node.ae_title, host=self.cfg.node.host,
+                     port=self._scp.port, tls=self.cfg.node.tls.enabled, callers=len(self.cfg.callers))
+            return
         ae = self.build_ae()
         handlers = [
             (evt.EVT_C_ECHO, self.handle_echo),
@@ -388,10 +390,15 @@ class Receiver:
 
     @property
     def port(self) -> int:
+        if self._scp is not None:
+            return self._scp.port
         assert self._server is not None
         return int(self._server.server_address[1])
 
     def stop(self) -> None:
+        if self._scp is not None:
+            self._scp.stop()
+            self._scp = None
         if self._server is not None:
             self._server.shutdown()
             self._server = None

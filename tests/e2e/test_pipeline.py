@@ -98,7 +98,8 @@ def test_pushed_study_comes_back_with_valid_results_in_the_same_study(node, pacs
 
     # structured logs: the events of every stage, and never the patient's identity
     events = {e.get("event") for e in node.log_events()}
-    assert {"association", "study_complete", "job_started", "job_finished", "object_sent"} <= events
+    assert {"study_complete", "job_started", "job_finished", "object_sent"} <= events
+    assert events & {"association", "fastscp_association"}
     log_text = node.log_path.read_text()
     for phi in (str(src.PatientName), src.PatientID, src.PatientBirthDate):
         assert phi not in log_text

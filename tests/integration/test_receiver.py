@@ -20,10 +20,10 @@ from tests.peers import echoscu, storescu, storescu_each_syntax
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture()
-def node(tmp_path):
+@pytest.fixture(params=["fast", "pynetdicom"])
+def node(tmp_path, request):
     cfg = Config.model_validate({
-        "node": {"host": "127.0.0.1", "port": 0, "network_timeout": 10},
+        "node": {"host": "127.0.0.1", "port": 0, "network_timeout": 10, "engine": request.param},
         "storage": {"data_dir": str(tmp_path / "data")},
         "callers": [{"ae_title": "STORESCU", "host": "127.0.0.1"}, {"ae_title": "ECHOSCU"}, {"ae_title": "PYSCU"}],
     })

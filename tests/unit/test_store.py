@@ -1,0 +1,37 @@
+"""The spool's durable writes and start-up reconciliation."""
+
+import numpy as np
+import pydicom
+
+from analyzers.phantoms import CT_IMAGE, PhantomPatient, image_dataset, save
+from dicomnode.receiver import reindex_file
+from dicomnode.store import Store
+
+
+def test_write_durably_creates_and_replaces(tmp_path):
+    store = Store(tmp_path / "d")
+    target = store.spool_path("1.2.3", "1.2.3.4", "1.2.3.4.5")
+    assert store.write_durably(target, (b"abc", memoryview(b"def"))) == 6
+    assert target.read_bytes() == b"abcdef"
+    store.write_durably(target, b"replaced")  # a re-sent instance replaces the old one atomically
+    assert target.read_bytes() == b"replaced" and list(store.tmp.iterdir()) == []
+
+
+def test_reconcile_indexes_whole_files_and_quarantines_cut_ones(tmp_path):
+    store = Store(tmp_path / "d", fsync=False)
+    rng = np.random.default_rng(0)
+    pat = PhantomPatient.make(rng, "st", 1)
+    files = []
+    for i in range(3):
+        ds = image_dataset((rng.random((32, 32)) * 1000).astype(np.uint16), patient=pat, modality="CT",
+                           sop_class_uid=CT_IMAGE, series_uid="1.2.9.1", instance_number=i + 1)
+        src = save(ds, tmp_path / "src")
+        dst = store.spool_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+        data = src.read_bytes()
+        store.write_durably(dst, data if i < 2 else data[:-500])  # the third was cut off mid-write
+        files.append(dst)
+    assert store.reconcile(reindex_file) == 2
+    assert store.studies()[0]["n_instances"] == 2
+    assert not files[2].exists() and (store.data_dir / "quarantine" / files[2].name).exists()
+    assert store.reconcile(reindex_file) == 0
+    assert pydicom.dcmread(files[0]).SOPInstanceUID == files[0].stem
