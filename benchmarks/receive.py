@@ -1,0 +1,177 @@
+"""Receive (and send-back) rate of the node, side by side with DCMTK storescp and Orthanc.
+
+    .venv/bin/python benchmarks/receive.py [--repeats 3] [--ct 500] [--cr 100] [--out benchmarks/results/receive.json]
+
+Workloads: CT-like instances of 256x256 16-bit and CR-like instances of 2048x2048 16-bit, pushed by
+DCMTK storescu over one association and over four parallel ones. Every receiver writes to disk:
+storescp and Orthanc as they do by default, the node with fsync on (its durable default). The wall
+time runs from the first storescu's start to the last one's exit. The node's send-back rate is its
+sender emptying an outbox of CT-like objects into Orthanc.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from analyzers.phantoms import CR_IMAGE, CT_IMAGE, PhantomPatient, image_dataset, save  # noqa: E402
+from tests.peers import PEER_ENV, NodeProcess, Orthanc, free_port, wait_port  # noqa: E402
+
+
+def make_files(folder: Path, n: int, size: int, modality: str, seed: int) -> list[Path]:
+    rng = np.random.default_rng(seed)
+    pat = PhantomPatient.make(rng, "bench", seed)
+    series = f"1.2.826.0.1.3680043.10.1137.88.{seed}"
+    base = (rng.random((size, size)) * 3000).astype(np.uint16)
+    files = []
+    for i in range(n):
+        pixels = np.roll(base, i, axis=0)
+        ds = image_dataset(pixels, patient=pat, modality=modality, sop_class_uid=CT_IMAGE if modality == "CT" else CR_IMAGE,
+                           series_uid=series, instance_number=i + 1, pixel_spacing=(0.5, 0.5))
+        files.append(save(ds, folder))
+    return files
+
+
+def push(port: int, files: list[Path], parallel: int, aec: str) -> float:
+    chunks = [files[i::parallel] for i in range(parallel)]
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen(["/usr/bin/storescu", "-aet", "STORESCU", "-aec", aec, "127.0.0.1", str(port), *map(str, c)],
+                              env=PEER_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for c in chunks]
+    errors = [p.communicate()[1] for p in procs]
+    dt = time.perf_counter() - t0
+    bad = [e.decode(errors="replace")[-300:] for p, e in zip(procs, errors) if p.returncode != 0]
+    if bad:
+        raise RuntimeError(f"storescu failed: {bad[0]}")
+    return dt
+
+
+class Storescp:
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.port = free_port()
+
+    def start(self) -> "Storescp":
+        out = self.work / "storescp"
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        self.proc = subprocess.Popen(["/usr/bin/storescp", "--fork", "-od", str(out), "-aet", "STORESCP", str(self.port)],
+                                     env=PEER_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        wait_port(self.port, 20, self.proc)
+        return self
+
+    def stop(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        self.proc.wait(20)
+
+
+def run_receivers(work: Path, workloads: dict[str, list[Path]], repeats: int) -> list[dict]:
+    rows = []
+    for name, files in workloads.items():
+        mb = sum(f.stat().st_size for f in files) / 1e6
+        for parallel in (1, 4):
+            for receiver in ("storescp", "orthanc", "dicomnode"):
+                times = []
+                for r in range(repeats):
+                    sub = work / f"{receiver}-{name}-{parallel}-{r}"
+                    if receiver == "storescp":
+                        srv = Storescp(sub).start()
+                        port, aec = srv.port, "STORESCP"
+                    elif receiver == "orthanc":
+                        srv = Orthanc(sub, aet="ORTHANC").start()
+                        port, aec = srv.dicom_port, "ORTHANC"
+                    else:
+                        srv = NodeProcess(sub, rules=[], config={"logging": {"level": "WARNING"},
+                                                                 "node": {"max_associations": 16}}).start()
+                        port, aec = srv.port, "DICOMNODE"
+                    try:
+                        times.append(push(port, files, parallel, aec))
+                    finally:
+                        srv.stop()
+                        shutil.rmtree(sub, ignore_errors=True)
+                t = statistics.median(times)
+                rows.append({"workload": name, "associations": parallel, "receiver": receiver, "instances": len(files),
+                             "seconds": round(t, 3), "inst_per_s": round(len(files) / t, 1), "mb_per_s": round(mb / t, 1),
+                             "runs": [round(x, 3) for x in times]})
+                print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def run_sender(work: Path, files: list[Path], repeats: int) -> dict:
+    from pydicom import dcmread
+
+    from dicomnode.config import Config
+    from dicomnode.outbox import Outbox
+    from dicomnode.sender import Sender
+    from dicomnode.store import Store
+
+    times = []
+    for r in range(repeats):
+        pacs = Orthanc(work / f"send-pacs-{r}").start()
+        try:
+            cfg = Config.model_validate({"destinations": {"pacs": {"ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port}},
+                                         "storage": {"data_dir": str(work / f"send-node-{r}")}})
+            store = Store(cfg.data_dir, fsync=False)
+            now = time.time()
+            with store.transaction() as db:
+                for f in files:
+                    ds = dcmread(f, stop_before_pixels=True)
+                    db.execute("INSERT INTO outbox (study_uid, destination, sop_uid, sop_class_uid, path, created_at) VALUES (?,?,?,?,?,?)",
+                               (ds.StudyInstanceUID, "pacs", ds.SOPInstanceUID, ds.SOPClassUID, str(f), now))
+            outbox = Outbox(store)
+            sender = Sender(cfg, outbox)
+            t0 = time.perf_counter()
+            while outbox.due():
+                sender.round()
+            times.append(time.perf_counter() - t0)
+            assert outbox.depths().get("sent") == len(files), outbox.depths()
+        finally:
+            pacs.stop()
+            shutil.rmtree(work / f"send-pacs-{r}", ignore_errors=True)
+    t = statistics.median(times)
+    row = {"workload": "send-back CT-like", "instances": len(files), "seconds": round(t, 3), "inst_per_s": round(len(files) / t, 1),
+           "runs": [round(x, 3) for x in times]}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--ct", type=int, default=500)
+    ap.add_argument("--cr", type=int, default=100)
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "receive.json"))
+    ap.add_argument("--workdir", default=None)
+    args = ap.parse_args()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="dicomnode-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        workloads = {
+            "CT 256x256x16": make_files(work / "ct", args.ct, 256, "CT", 1),
+            "CR 2048x2048x16": make_files(work / "cr", args.cr, 2048, "CR", 2),
+        }
+        rows = run_receivers(work, workloads, args.repeats)
+        send = run_sender(work, workloads["CT 256x256x16"], args.repeats)
+        result = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}, "receive": rows, "send": send,
+                  "date": time.strftime("%Y-%m-%d")}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
