@@ -65,6 +65,7 @@ ABORT_UNEXPECTED_PARAMETER, ABORT_INVALID_PARAMETER = 5, 6
 # Presentation context results in the A-ASSOCIATE-AC (PS3.8 9.3.3.2)
 CONTEXT_ACCEPTED = 0
 CONTEXT_ABSTRACT_SYNTAX_NOT_SUPPORTED = 3
+CONTEXT_TRANSFER_SYNTAXES_NOT_SUPPORTED = 4
 
 # Non-P-DATA PDUs (association requests) larger than this are refused as malformed.
 _MAX_CONTROL_PDU = 1 << 20
@@ -161,6 +162,7 @@ class _Negotiated:
     called_ae: str
     peer_max_pdu: int
     contexts: dict[int, _Context] = field(default_factory=dict)
+    refused: dict[int, int] = field(default_factory=dict)  # context id -> result (3 or 4)
 
 
 def is_storage_like(uid: str) -> bool:
@@ -408,7 +410,11 @@ class _Association:
             self._send_abort(ABORT_NOT_SPECIFIED)
             outcome = "aborted: network timeout"
         except (OSError, ConnectionError, ssl.SSLError) as exc:
-            outcome = f"aborted: connection lost ({type(exc).__name__})"
+            if scp._stopping.is_set():
+                self._send_abort(0, source=0)
+                outcome = "aborted: the node is stopping"
+            else:
+                outcome = f"aborted: connection lost ({type(exc).__name__})"
         self._finish(outcome)
 
     def _fail_before_association(self, exc: BaseException) -> None:
@@ -626,26 +632,35 @@ def _items(data: memoryview, length_size: int):
         offset += 4 + length
 
 
+def is_standard_transfer_syntax(uid: str) -> bool:
+    """True for transfer syntaxes defined by the standard (PS3.5 annex A); private ones would be unreadable later."""
+    return uid == IMPLICIT_VR_LE or uid.startswith(IMPLICIT_VR_LE + ".")
+
+
 def negotiate(rq: AssociateRequest, accept_sop_class: Callable[[str], bool]) -> _Negotiated:
-    """Accept Verification with Implicit VR LE and storage contexts in their first proposed syntax.
+    """Accept Verification with Implicit VR LE and storage contexts in their first proposed standard syntax.
 
     The node keeps instances in the syntax they arrived in, so the sender's first preference wins.
+    Refused contexts carry result 3 (abstract syntax not supported) or 4 (no usable transfer syntax).
     """
     neg = _Negotiated(calling_ae=rq.calling_ae, called_ae=rq.called_ae, peer_max_pdu=rq.max_pdu)
     for pcid, abstract, transfers in rq.contexts:
-        if not transfers:
-            continue
         if abstract == VERIFICATION:
-            if IMPLICIT_VR_LE in transfers:
-                neg.contexts[pcid] = _Context(abstract, IMPLICIT_VR_LE)
-            continue
-        try:
-            accept = bool(abstract) and is_storage_like(abstract) and accept_sop_class(abstract)
-        except Exception as exc:
-            log.error("fastscp_accept_sop_class_failed", sop_class=abstract, error=f"{type(exc).__name__}: {exc}")
-            accept = False
-        if accept:
-            neg.contexts[pcid] = _Context(abstract, transfers[0])
+            syntax = IMPLICIT_VR_LE if IMPLICIT_VR_LE in transfers else None
+        else:
+            try:
+                accept = bool(abstract) and is_storage_like(abstract) and accept_sop_class(abstract)
+            except Exception as exc:
+                log.error("fastscp_accept_sop_class_failed", sop_class=abstract, error=f"{type(exc).__name__}: {exc}")
+                accept = False
+            if not accept:
+                neg.refused[pcid] = CONTEXT_ABSTRACT_SYNTAX_NOT_SUPPORTED
+                continue
+            syntax = next((ts for ts in transfers if is_standard_transfer_syntax(ts)), None)
+        if syntax is None:
+            neg.refused[pcid] = CONTEXT_TRANSFER_SYNTAXES_NOT_SUPPORTED
+        else:
+            neg.contexts[pcid] = _Context(abstract, syntax)
     return neg
 
 
@@ -654,14 +669,15 @@ def _item(item_type: int, value: bytes) -> bytes:
 
 
 def encode_associate_ac(rq: AssociateRequest, neg: _Negotiated, max_pdu: int) -> bytes:
-    """A-ASSOCIATE-AC answering every proposed context: accepted ones with their syntax, the rest with result 3."""
+    """A-ASSOCIATE-AC answering every proposed context: accepted ones with their syntax, the rest with result 3 or 4."""
     parts = [_item(0x10, APPLICATION_CONTEXT.encode())]
     for pcid, abstract, transfers in rq.contexts:
         ctx = neg.contexts.get(pcid)
         if ctx is not None:
             result, ts = CONTEXT_ACCEPTED, ctx.transfer_syntax
         else:
-            result, ts = CONTEXT_ABSTRACT_SYNTAX_NOT_SUPPORTED, (transfers[0] if transfers else IMPLICIT_VR_LE)
+            result = neg.refused.get(pcid, CONTEXT_ABSTRACT_SYNTAX_NOT_SUPPORTED)
+            ts = transfers[0] if transfers else IMPLICIT_VR_LE  # not significant when not accepted
         parts.append(_item(0x21, bytes((pcid, 0, result, 0)) + _item(0x40, ts.encode())))
     user = (_item(0x51, struct.pack(">I", max_pdu)) + _item(0x52, IMPLEMENTATION_CLASS_UID.encode())
             + _item(0x55, IMPLEMENTATION_VERSION_NAME.encode()))

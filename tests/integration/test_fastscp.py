@@ -19,7 +19,8 @@ from pynetdicom import AE
 
 from analyzers.phantoms import CR_IMAGE, CT_IMAGE, PhantomPatient, image_dataset, save
 from dicomnode.fastscp import (
-    IMPLEMENTATION_CLASS_UID, FastStorageSCP, StoreRequest, encode_command, parse_command,
+    IMPLEMENTATION_CLASS_UID, AssociateRequest, FastStorageSCP, StoreRequest, encode_command, negotiate,
+    parse_command,
 )
 from tests.peers import echoscu, storescu
 
@@ -251,10 +252,10 @@ def test_stop_ends_open_associations(tmp_path):
     t0 = time.monotonic()
     server.stop()
     assert time.monotonic() - t0 < 3 and server.active_associations == 0
-    assert rec.associations and rec.associations[0].outcome.startswith("aborted")
+    assert rec.associations and rec.associations[0].outcome == "aborted: the node is stopping"
+    wait_until(lambda: assoc.is_aborted)  # the peer was told with an A-ABORT, not left hanging
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
-    assoc.abort()
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is needed to make a test certificate")
@@ -289,3 +290,19 @@ def test_command_sets_read_back_with_pydicom():
     assert ds.AffectedSOPInstanceUID == "1.2.3.4" and ds.ErrorComment == "odd-length comment"
     assert ds.CommandGroupLength == len(raw) - 12
     assert parse_command(raw)[0x0900] == struct.pack("<H", 0xA700)
+
+
+def test_negotiation_results():
+    explicit, implicit, j2k, private = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.4.90", "1.2.840.113619.5.2"
+    rq = AssociateRequest(protocol_version=1, called_ae="ANY", calling_ae="X", contexts=[
+        (1, "1.2.840.10008.1.1", [explicit, implicit]),  # Verification: always Implicit VR LE
+        (3, "1.2.840.10008.1.1", [explicit]),
+        (5, CT_IMAGE, [j2k, explicit]),                   # the sender's first choice wins
+        (7, CT_IMAGE, [private, explicit]),               # private syntaxes are skipped
+        (9, CR_IMAGE, [private]),
+        (11, "1.2.840.10008.5.1.4.1.2.2.1", [implicit]),  # C-FIND is not storage
+        (13, "1.2.840.10008.5.1.4.1.1.4", [implicit]),    # refused by the callback
+    ])
+    neg = negotiate(rq, lambda uid: uid != "1.2.840.10008.5.1.4.1.1.4")
+    assert {k: v.transfer_syntax for k, v in neg.contexts.items()} == {1: implicit, 5: j2k, 7: explicit}
+    assert neg.refused == {3: 4, 9: 4, 11: 3, 13: 3}
