@@ -280,8 +280,8 @@ class FastStorageSCP:
         with self._lock:
             connections = list(self._connections.items())
         for _, conn in connections:
-            try:
-                conn.shutdown(socket.SHUT_RD)
+            try:  # the plain socket's shutdown: SSLSocket.shutdown would drop the TLS state the response needs
+                socket.socket.shutdown(conn, socket.SHUT_RD)
             except OSError:
                 pass
         deadline = time.monotonic() + timeout
@@ -315,13 +315,14 @@ class FastStorageSCP:
             thread.start()
 
     def _serve(self, conn: socket.socket, address: tuple, over_limit: bool) -> None:
+        assoc = _Association(self, conn, address)
         try:
-            _Association(self, conn, address).run(over_limit)
+            assoc.run(over_limit)
         except Exception as exc:  # the last line of defence: a bug must never take the acceptor down
             log.error("fastscp_association_crashed", host=address[0], error=f"{type(exc).__name__}: {exc}")
         finally:
             try:
-                conn.close()
+                assoc.sock.close()
             except OSError:
                 pass
             with self._lock:
@@ -382,6 +383,8 @@ class _Association:
         try:
             if scp.ssl_context is not None:
                 self.sock = scp.ssl_context.wrap_socket(self.sock, server_side=True)
+                with scp._lock:  # stop() must shut down the socket that now owns the descriptor
+                    scp._connections[threading.current_thread()] = self.sock
             pdu_type, body = self._read_pdu(_MAX_CONTROL_PDU)
             if pdu_type != _ASSOCIATE_RQ:
                 raise ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02x}", ABORT_UNEXPECTED_PDU)

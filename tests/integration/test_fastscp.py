@@ -279,6 +279,11 @@ def test_tls(tmp_path):
         assert assoc.send_c_store(f).Status == 0x0000
         assoc.release()
         assert bytes(rec.requests[0].dataset) == dataset_part(f)
+        held = ae.associate("127.0.0.1", server.port, tls_args=(client_ctx, "localhost"))
+        assert held.is_established
+        server.stop()
+        wait_until(lambda: held.is_aborted)
+        assert server.active_associations == 0
     finally:
         server.stop()
 
