@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import json
 import os
 import re
 import shutil
@@ -25,7 +24,7 @@ from typing import Any, Iterable
 import yaml
 from pydicom.datadict import keyword_dict
 
-from .config import Config, ConfigError, _format_errors
+from .config import Config, _format_errors
 from .router import PSEUDO_KEYWORDS, Rule, RuleSet, RulesError, check_condition, series_view, view_of_dataset
 
 
@@ -410,7 +409,10 @@ class RulesFile:
             got = None
         if got is None or got.dump() != wanted.dump():
             text = self._rebuilt(rules)
-            got = RuleSet.parse(yaml.safe_load(text), self.path)  # raises when the rules themselves are wrong
+            try:
+                got = RuleSet.parse(yaml.safe_load(text), self.path)
+            except RulesError as exc:
+                raise AdminError(f"{exc}; {self.path} was not changed", 2) from None
             if got.dump() != wanted.dump():
                 raise AdminError(f"internal error: {self.path} would not read back as the intended rules; nothing written", 1)
         _atomic_write(self.path, text, self.text)
@@ -474,7 +476,10 @@ def _verdict(rules: RuleSet, view: Any, modality: str, description: str, default
     decisions, runs = [], []
     for d in rules.decide(view):
         outcome = "skipped" if d.skipped else ("match" if d.matched else "no match")
-        decisions.append({"rule": d.rule.name, "outcome": outcome, "reason": d.skipped or d.reason,
+        reason = d.reason
+        if d.skipped:
+            reason = d.skipped + (" (its own condition holds too)" if d.matched and d.skipped != "disabled" else "")
+        decisions.append({"rule": d.rule.name, "outcome": outcome, "reason": reason,
                           "condition": describe(d.rule.when)})
         if d.matched and not d.skipped:
             dests = d.rule.destinations if d.rule.destinations is not None else default_dest
@@ -1017,16 +1022,3 @@ def verify_models(cfg: Config | None, names: list[str] | None = None) -> list[di
         row["error"] = "; ".join(problems) or None
         row["ok"] = not problems
     return out
-
-
-def load_config_or_none(path: Path) -> Config | None:
-    from .config import load_config
-
-    try:
-        return load_config(path)
-    except ConfigError:
-        return None
-
-
-def jsonable(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=str))

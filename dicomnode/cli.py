@@ -687,9 +687,11 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     for r in rows:
         r["sha"] = (r["sha256"] or "")[:12] or "-"
         r["phantom"] = {True: "yes (not for clinical use)", False: "no", None: "-"}[r["phantom_trained"]]
-        r["model_text"] = r["error"] and f"ERROR: {r['error'][:100]}" or r["model"] or "(no model files)"
+        r["model_text"] = r["model"] or ("-" if r["error"] else "(no model files)")
+        r["error_short"] = (r["error"] or "")[:120]
     print_table(rows, [("analyzer", "ANALYZER"), ("analyzer_version", "VERSION"), ("model_text", "MODEL"), ("version", "MODEL VERSION"),
-                       ("sha", "SHA256"), ("device", "DEVICE"), ("phantom", "PHANTOM-TRAINED")], "(no analyzers installed)")
+                       ("sha", "SHA256"), ("device", "DEVICE"), ("phantom", "PHANTOM-TRAINED"), ("error_short", "ERROR")],
+                "(no analyzers installed)")
     return EXIT_OK
 
 
@@ -707,8 +709,10 @@ def cmd_models_verify(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
     else:
         for r in rows:
-            checks = "; ".join(f"{m['model']} sha256 {m['sha256']}, onnx {m['onnx']}" for m in r["models"]) or "no model files"
-            head = f"{'ok    ' if r['ok'] else 'FAILED'} {r['analyzer']} ({r['device']}): {checks}"
+            checks = "; ".join(f"{m['model']} sha256 {m['sha256']}, onnx {m['onnx']}" for m in r["models"])
+            if not checks and r["error"] is None or r["error"] and not r["error"].startswith("cannot load"):
+                checks = checks or "no model files"
+            head = f"{'ok    ' if r['ok'] else 'FAILED'} {r['analyzer']} ({r['device']})" + (f": {checks}" if checks else "")
             print(head + (f"; warm-up {r['warmup_seconds']} s" if r["warmup_seconds"] is not None else ""))
             if r["error"]:
                 print(f"       {r['error']}")
@@ -833,19 +837,20 @@ def _rules_parser(sub, common, fmt) -> None:
                                                         "or is unreachable")
     s.set_defaults(func=cmd_rules_add)
 
-    s = gs.add_parser("remove", parents=[common, rf], help="remove a rule")
+    force = argparse.ArgumentParser(add_help=False)
+    force.add_argument("--force", action="store_true", help="write even if the change leaves a rule unreachable")
+    s = gs.add_parser("remove", parents=[common, rf, force], help="remove a rule")
     s.add_argument("name")
     s.set_defaults(func=cmd_rules_remove)
     for verb in ("enable", "disable"):
-        s = gs.add_parser(verb, parents=[common, rf], help=f"{verb} a rule (it stays in the file)")
+        s = gs.add_parser(verb, parents=[common, rf, force], help=f"{verb} a rule (it stays in the file)")
         s.add_argument("name")
         s.set_defaults(func=cmd_rules_enable)
-    s = gs.add_parser("move", parents=[common, rf], help="change a rule's place in the order")
+    s = gs.add_parser("move", parents=[common, rf, force], help="change a rule's place in the order")
     s.add_argument("name")
     where = s.add_mutually_exclusive_group(required=True)
     where.add_argument("--before", metavar="OTHER")
     where.add_argument("--after", metavar="OTHER")
-    s.add_argument("--force", action="store_true", help="write even if a rule becomes unreachable")
     s.set_defaults(func=cmd_rules_move)
 
     s = gs.add_parser("test", parents=[common, rf], help="dry run: per series, which rules match and why, what would run; "

@@ -146,6 +146,20 @@ def test_enable_disable_move_remove_keep_the_rest_of_the_file(site, capsys):
     assert code == 2 and "no rule named 'chest'" in err
 
 
+def test_an_edit_that_makes_a_rule_unreachable_needs_force(site, capsys):
+    assert run(capsys, "rules", "add", "thin-ct", "--match", "Modality=CT", "--match", "SliceThickness<=1",
+               "--analyzer", "intensity_probe", "--before", "ct-probe")[0] == 0
+    before = (site / "rules.yaml").read_text()
+    code, _, err = run(capsys, "rules", "move", "ct-probe", "--before", "thin-ct")
+    assert code == 2 and "'thin-ct' is unreachable: rule 'ct-probe' before it" in err
+    assert (site / "rules.yaml").read_text() == before
+    code, _, err = run(capsys, "rules", "move", "ct-probe", "--before", "thin-ct", "--force")
+    assert code == 0 and "warning" in err and rule_names(site) == ["ct-probe", "thin-ct", "chest"]
+    assert run(capsys, "rules", "disable", "ct-probe")[0] == 0  # removes the problem: no --force needed
+    code, _, err = run(capsys, "rules", "enable", "ct-probe")
+    assert code == 2 and "unreachable" in err
+
+
 def test_rules_list_json_and_table(site, capsys):
     code, out, _ = run(capsys, "rules", "list", "--json")
     rows = json.loads(out)

@@ -261,7 +261,7 @@ def test_rules_test_explains_matches_and_queues_nothing(site, capsys, tmp_path):
     assert code == 0, err
     assert "notes.bin" in err
     assert "MATCH     lateral-chest: Modality='CR' equals 'CR' and SeriesDescription='Thorax lat' matches /(?i)lat/" in out
-    assert "skipped   any-cr: an earlier rule 'lateral-chest' matched without continue" in out
+    assert "skipped   any-cr: an earlier rule 'lateral-chest' matched without continue (its own condition holds too)" in out
     assert "no match  lateral-chest: Modality='CT' is not 'CR'" in out
     assert "no match  any-cr: Modality='CT' not in ['CR', 'DX']" in out
     assert "-> intensity_probe -> pacs (rule lateral-chest)" in out and "would queue nothing" in out
