@@ -911,7 +911,9 @@ def purge(store: Any, older_than: float, dry_run: bool = False, now: float | Non
             except FileNotFoundError:
                 pass
         if not dry_run:
-            for d in [*{f.parent for f in files}, store.spool / uid, *result_dirs]:
+            for d in result_dirs:  # every result of these jobs was delivered (or there was none)
+                shutil.rmtree(d, ignore_errors=True)
+            for d in [*{f.parent for f in files}, store.spool / uid]:
                 _prune(d, stop=store.data_dir)
     return report
 

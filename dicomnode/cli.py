@@ -342,7 +342,7 @@ def cmd_jobs_retry(args: argparse.Namespace) -> int:
     cfg = _config(args)
     queue = JobQueue(_store(cfg))
     for job_id in args.ids:
-        row = queue.store.db.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
+        row = queue.get(job_id)
         if row is None:
             raise CliError(f"no job {job_id}; `dicomnode jobs list` shows the jobs", EXIT_FAIL)
         if not queue.retry(job_id):
@@ -375,9 +375,7 @@ def cmd_outbox_resend(args: argparse.Namespace) -> int:
     cfg = _config(args)
     outbox = Outbox(_store(cfg))
     if args.ids:
-        found = {r[0] for r in outbox.store.db.execute(
-            f"SELECT id FROM outbox WHERE id IN ({','.join('?' * len(args.ids))})", args.ids)}
-        missing = sorted(set(args.ids) - found)
+        missing = outbox.missing(args.ids)
         if missing:
             raise CliError(f"no outbox row {', '.join(map(str, missing))}; `dicomnode outbox list` shows the rows", EXIT_FAIL)
     n = outbox.resend(args.ids or None, failed=args.failed)

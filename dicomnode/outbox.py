@@ -67,3 +67,8 @@ class Outbox:
 
     def depths(self) -> dict[str, int]:
         return {r[0]: r[1] for r in self.store.db.execute("SELECT state, COUNT(*) FROM outbox GROUP BY state")}
+
+    def missing(self, ids: list[int]) -> list[int]:
+        """The ids among ``ids`` that name no outbox row."""
+        found = {r[0] for r in self.store.db.execute(f"SELECT id FROM outbox WHERE id IN ({','.join('?' * len(ids))})", ids)}
+        return sorted(set(ids) - found)

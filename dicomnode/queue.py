@@ -150,3 +150,8 @@ class JobQueue:
 
     def depths(self) -> dict[str, int]:
         return {r[0]: r[1] for r in self.store.db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state")}
+
+    def get(self, job_id: int) -> dict[str, Any] | None:
+        """One job's row, or None when there is no such job."""
+        row = self.store.db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return dict(row) if row else None
