@@ -520,8 +520,8 @@ class _Association:
         message_id = _uint(fields.get(0x0110), 2, 0)
         if cmd == C_STORE_RQ:
             status, comment = self._store(neg, ctx, fields, message_id, dataset)
-            rsp = encode_command(C_STORE_RSP, message_id, status, _text(fields.get(0x0002)), _text(fields.get(0x1000)),
-                                 comment)
+            rsp = encode_command(C_STORE_RSP, message_id, status, _text(fields.get(0x0002)) or ctx.abstract_syntax,
+                                 _text(fields.get(0x1000)), comment)
         elif cmd == C_ECHO_RQ:
             self.info.echoes += 1
             rsp = encode_command(C_ECHO_RSP, message_id, SUCCESS, _text(fields.get(0x0002)) or ctx.abstract_syntax, "")
@@ -547,6 +547,9 @@ class _Association:
             affected_sop_instance_uid=_text(fields.get(0x1000)), message_id=message_id, dataset=dataset)
         try:
             status, comment = self.scp.store(request)
+            status, comment = int(status), str(comment or "")
+            if not 0 <= status <= 0xFFFF:
+                raise ValueError(f"status {status} is not a 16-bit DIMSE status")
         except Exception as exc:
             log.error("fastscp_store_failed", sop_uid=request.affected_sop_instance_uid,
                       error=f"{type(exc).__name__}: {exc}")
@@ -556,7 +559,7 @@ class _Association:
             self.info.bytes += len(dataset)
         else:
             self.info.failures += 1
-        return int(status), comment or ""
+        return status, comment
 
 
 _REJECT_TEXT = {

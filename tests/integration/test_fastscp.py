@@ -311,3 +311,27 @@ def test_negotiation_results():
     neg = negotiate(rq, lambda uid: uid != "1.2.840.10008.5.1.4.1.1.4")
     assert {k: v.transfer_syntax for k, v in neg.contexts.items()} == {1: implicit, 5: j2k, 7: explicit}
     assert neg.refused == {3: 4, 9: 4, 11: 3, 13: 3}
+
+
+def test_a_failing_callback_gets_0xC211_and_the_association_carries_on(tmp_path):
+    answers = iter([RuntimeError("disk gone"), "not a status"])
+
+    def store(req: StoreRequest):
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    server = FastStorageSCP("DICOMNODE", "127.0.0.1", 0, store=store, allow=lambda ae, host: True, network_timeout=5)
+    server.start()
+    try:
+        ae = AE(ae_title="PYSCU")
+        ae.add_requested_context(CT_IMAGE, ["1.2.840.10008.1.2.1"])
+        ae.add_requested_context("1.2.840.10008.1.1")
+        assoc = ae.associate("127.0.0.1", server.port)
+        files = phantoms(tmp_path / "in", 2)
+        assert [assoc.send_c_store(f).Status for f in files] == [0xC211, 0xC211]
+        assert assoc.send_c_echo().Status == 0x0000
+        assoc.release()
+    finally:
+        server.stop()
