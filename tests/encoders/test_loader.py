@@ -85,3 +85,23 @@ def test_private_code_with_two_meanings_is_refused(tmp_path):
     clash = _copy(tmp_path, lambda s: s.replace("value: DN-TST-0002", "value: DN-GEN-0001"))
     with pytest.raises(TemplateError, match="DN-GEN-0001"):
         check_private_codes([load_template_file(clash)])
+
+
+def test_check_all_refuses_a_missing_template_and_a_clash_across_files(tmp_path):
+    from analyzers.base import available_analyzers
+    from sr_templates.loader import check_all
+
+    with pytest.raises(TemplateError, match="analyzer 'no_such_analyzer' cannot be loaded"):
+        check_all(tmp_path, analyzers=["no_such_analyzer"])
+    names = available_analyzers()
+    if not names:
+        pytest.skip("no analyzer installed")
+    with pytest.raises(TemplateError, match="has no SR template"):
+        check_all(tmp_path, analyzers=names[:1])
+    _copy(tmp_path)
+    (tmp_path / "other.yaml").write_text(
+        (FIXTURE_DIR / "fixture_spine.yaml").read_text().replace("analyzer: fixture_spine", "analyzer: other")
+        .replace('meaning: "No curve"', 'meaning: "Straight spine"')
+    )
+    with pytest.raises(TemplateError, match="DN-TST-0010"):
+        check_all(tmp_path, analyzers=[])
