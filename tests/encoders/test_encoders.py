@@ -103,6 +103,9 @@ def test_region_outside_image_or_study_is_refused(study, template):
     with pytest.raises(EncodingError, match="outside"):
         encode_result(result, study, EncoderContext(), template)
     result = fixture_result(study)
+    result.regions.append(Region("corner", "point", [[-3, 10]], src, group="L3", label="L3 just past the edge"))
+    encode_result(result, study, EncoderContext(), template)
+    result = fixture_result(study)
     result.regions.append(Region("corner", "point", [[5, 10]], SourceRef("1.2.3.999"), group="L3"))
     with pytest.raises(EncodingError, match="not in study"):
         encode_result(result, study, EncoderContext(), template)
