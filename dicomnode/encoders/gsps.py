@@ -84,7 +84,7 @@ def _encode_one(result, ctx, template: Template, regions: list[Region], datasets
         ds = datasets[uid]
         graphics, texts = [], []
         for r in items:
-            graphics.append(_graphic(r))
+            graphics.append(_graphic(r, ds))
             texts.append(_text(r, template, ds))
         graphic_annotations.append(
             hd.pr.GraphicAnnotation(
@@ -157,8 +157,10 @@ def _presentation_lut(images: list[pydicom.Dataset]) -> hd.PresentationLUTTransf
     return hd.PresentationLUTTransformation(presentation_lut_shape=shape)
 
 
-def _graphic(r: Region) -> hd.pr.GraphicObject:
+def _graphic(r: Region, ds: pydicom.Dataset) -> hd.pr.GraphicObject:
+    # Presentation-state pixel coordinates cannot be negative: points just past the edge go onto it.
     points = np.asarray(r.points, dtype=np.float64)
+    points = np.column_stack([np.clip(points[:, 0], 0, float(ds.Columns)), np.clip(points[:, 1], 0, float(ds.Rows))])
     if r.kind == "point":
         return hd.pr.GraphicObject(hd.pr.GraphicTypeValues.POINT, points[:1], hd.pr.AnnotationUnitsValues.PIXEL)
     if r.kind == "polygon" and not np.array_equal(points[0], points[-1]):

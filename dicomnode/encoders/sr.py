@@ -261,12 +261,14 @@ def _image_region(region: Region, ds: pydicom.Dataset) -> hd.sr.ImageRegion:
         if region.kind == "polygon" and not np.array_equal(points[0], points[-1]):
             points = np.vstack([points, points[:1]])  # a closed 2-D SCOORD polygon repeats its first point
     rows, cols = int(ds.Rows), int(ds.Columns)
-    # A keypoint regressed a little past the edge is still a finding; far outside means wrong image or units.
+    # A keypoint regressed a little past the edge is still a finding; far outside means the wrong image or units.
     mx, my = 0.1 * cols, 0.1 * rows
     if np.any(points[:, 0] < -mx) or np.any(points[:, 0] > cols + mx) or np.any(points[:, 1] < -my) or np.any(points[:, 1] > rows + my):
         raise EncodingError(
             f"region {region.key!r} ({region.label}) lies outside its {cols}x{rows} source image {ds.SOPInstanceUID}"
         )
+    # SCOORD pixel coordinates cannot be negative: points just past the edge are moved onto it.
+    points = np.column_stack([np.clip(points[:, 0], 0, cols), np.clip(points[:, 1], 0, rows)]).astype(np.float32)
     source = hd.sr.SourceImageForRegion(
         referenced_sop_class_uid=ds.SOPClassUID,
         referenced_sop_instance_uid=ds.SOPInstanceUID,
