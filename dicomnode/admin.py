@@ -586,11 +586,14 @@ class ConfigFile:
     def _items(self, lines: list[str], start: int, end: int, pattern: str) -> list[tuple[int, int, str]]:
         """Entries of a block section: (first line, end line, entry text) for lines matching ``pattern``."""
         firsts = [k for k in range(start + 1, end) if re.match(pattern, lines[k])]
-        out = []
+        starts = []
         for n, k in enumerate(firsts):
-            e = firsts[n + 1] if n + 1 < len(firsts) else end
-            out.append((k, e, "".join(lines[k:e])))
-        return out
+            s = k
+            while s - 1 > start and lines[s - 1].lstrip().startswith("#"):
+                s -= 1  # a comment right above an entry goes with it, unless it heads the section
+            starts.append(k if n == 0 and s == start + 1 else s)
+        return [(starts[n], starts[n + 1] if n + 1 < len(starts) else end, "".join(lines[k:end if n + 1 == len(firsts) else firsts[n + 1]]))
+                for n, k in enumerate(firsts)]
 
     def _edit(self, key: str, new_value: Any, edit) -> str:
         """Text with section ``key`` changed by ``edit(lines, start, end)``, or the section rewritten when unusual."""

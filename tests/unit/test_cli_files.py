@@ -253,6 +253,13 @@ def test_destinations_and_callers_edit_only_their_lines(site, capsys):
     assert run(capsys, "destinations", "remove", "archive", "--config", str(site / "node.yaml"))[0] == 2
 
 
+def test_removing_a_block_style_entry_takes_its_comment_and_nothing_else(site, capsys):
+    assert run(capsys, "rules", "remove", "chest")[0] == 0
+    assert run(capsys, "destinations", "remove", "archive")[0] == 0
+    assert (site / "node.yaml").read_text() == CONFIG.replace(
+        "  # the research archive, block style\n  archive:\n    ae_title: ARCHIVE\n    host: 10.0.0.9\n    port: 104\n", "")
+
+
 def test_config_sections_missing_or_in_flow_style(site, capsys):
     (site / "node.yaml").write_text("storage: {data_dir: data}\ndestinations: {}\nanalyzers: {device: cpu}\n")
     assert run(capsys, "destinations", "add", "pacs", "--ae-title", "PACS", "--host", "127.0.0.1", "--port", "4242")[0] == 0
