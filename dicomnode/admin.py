@@ -477,8 +477,10 @@ def _verdict(rules: RuleSet, view: Any, modality: str, description: str, default
     for d in rules.decide(view):
         outcome = "skipped" if d.skipped else ("match" if d.matched else "no match")
         reason = d.reason
-        if d.skipped:
-            reason = d.skipped + (" (its own condition holds too)" if d.matched and d.skipped != "disabled" else "")
+        if d.skipped == "disabled":
+            reason = "the rule is disabled"
+        elif d.skipped:
+            reason = d.skipped + (" (its own condition holds too)" if d.matched else "")
         decisions.append({"rule": d.rule.name, "outcome": outcome, "reason": reason,
                           "condition": describe(d.rule.when)})
         if d.matched and not d.skipped:
@@ -584,7 +586,7 @@ class ConfigFile:
         return None
 
     def _items(self, lines: list[str], start: int, end: int, pattern: str) -> list[tuple[int, int, str]]:
-        """Entries of a block section: (first line, end line, entry text) for lines matching ``pattern``."""
+        """Entries of a block section that open with a line matching ``pattern``: (start, end, opening line)."""
         firsts = [k for k in range(start + 1, end) if re.match(pattern, lines[k])]
         starts = []
         for n, k in enumerate(firsts):
@@ -592,8 +594,7 @@ class ConfigFile:
             while s - 1 > start and lines[s - 1].lstrip().startswith("#"):
                 s -= 1  # a comment right above an entry goes with it, unless it heads the section
             starts.append(k if n == 0 and s == start + 1 else s)
-        return [(starts[n], starts[n + 1] if n + 1 < len(starts) else end, "".join(lines[k:end if n + 1 == len(firsts) else firsts[n + 1]]))
-                for n, k in enumerate(firsts)]
+        return [(starts[n], starts[n + 1] if n + 1 < len(starts) else end, lines[k]) for n, k in enumerate(firsts)]
 
     def _edit(self, key: str, new_value: Any, edit) -> str:
         """Text with section ``key`` changed by ``edit(lines, start, end)``, or the section rewritten when unusual."""
@@ -646,11 +647,9 @@ class ConfigFile:
 
         def edit(lines, start, end):
             items = self._items(lines, start, end, r"\s*-\s")
-            if len(items) != len(callers):
-                return None
+            if len(items) != len(callers) or not raw["callers"]:
+                return None  # an unusual layout, or an empty list: the section is rewritten
             drop = {k for i, (s, e, _) in enumerate(items) if i in gone for k in range(s, e)}
-            if not raw["callers"]:
-                return None
             return "".join(ln for k, ln in enumerate(lines) if k not in drop)
 
         return raw, self._edit("callers", raw["callers"], edit), len(gone)

@@ -570,8 +570,14 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
         if not found:
             raise CliError("no DICOM instances found in the given files", EXIT_USAGE)
         studies = dry_run_files(rules.rules, found, cfg, args.calling_ae)
+    from .registry import analyzer_names
+
+    known = set(analyzer_names(cfg))
     for s in studies:
-        s["would_queue"] = jobs_of(s)
+        for se in s["series"]:
+            for run in se["would_run"]:
+                run["installed"] = run["analyzer"] in known  # the node skips (and logs) an analyzer it does not have
+        s["would_queue"] = [dict(j, installed=j["analyzer"] in known) for j in jobs_of(s)]
     if getattr(args, "json", False):
         print(json.dumps(studies, indent=2))
         return EXIT_OK
@@ -583,13 +589,17 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
             for d in se["decisions"]:
                 print(f"    {d['outcome'].upper() if d['outcome'] == 'match' else d['outcome']:<9} {d['rule']}: {d['reason']}")
             for run in se["would_run"]:
-                print(f"    -> {run['analyzer']} -> {', '.join(run['destinations']) or _NO_DEST} (rule {run['rule']})")
+                print(f"    -> {run['analyzer']} -> {', '.join(run['destinations']) or _NO_DEST} (rule {run['rule']})"
+                      + ("" if run["installed"] else f"; but {run['analyzer']} is not installed or is disabled: it would not run"))
             if not se["would_run"]:
                 print("    -> nothing would run for this series")
         for j in s["would_queue"]:
-            print(f"  would queue {j['analyzer']} on {len(j['series'])} series -> {', '.join(j['destinations']) or _NO_DEST}")
+            if j["installed"]:
+                print(f"  would queue {j['analyzer']} on {len(j['series'])} series -> {', '.join(j['destinations']) or _NO_DEST}")
         if not s["would_queue"]:
             print("  would queue nothing: no rule matches")
+        elif not any(j["installed"] for j in s["would_queue"]):
+            print("  would queue nothing: the matching rules name analyzers this node does not have")
     return EXIT_OK
 
 

@@ -280,6 +280,15 @@ def test_rules_test_explains_matches_and_queues_nothing(site, capsys, tmp_path):
     assert "MATCH     any-cr" in out and "-> intensity_probe -> archive (rule any-cr)" in out
     assert JobQueue(store).list() == []  # a dry run
     assert run(capsys, "rules", "test")[0] == 2
+
+    candidate = tmp_path / "candidate.yaml"  # try a rules file before installing it
+    candidate.write_text(yaml.safe_dump([dict(RULES[0], enabled=False),
+                                         {"name": "cr-other", "when": {"Modality": "CR"}, "analyzers": ["not_installed"]}]))
+    code, out, _ = run(capsys, "rules", "test", str(lat[0]), "--rules", str(candidate))
+    assert code == 0 and f"dry run of {candidate}" in out
+    assert "skipped   lateral-chest: the rule is disabled" in out
+    assert "not_installed is not installed or is disabled: it would not run" in out
+    assert "would queue nothing: the matching rules name analyzers this node does not have" in out
     assert run(capsys, "rules", "test", "--study", "1.2.3")[0] == 1
 
 
