@@ -226,6 +226,11 @@ def _atomic_write(path: Path, text: str, expected_old: str | None) -> None:
     if path.exists():
         shutil.copymode(path, tmp)
     os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)  # the rename itself survives a power loss
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _ensure_nl(text: str) -> str:

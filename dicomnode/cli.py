@@ -320,12 +320,23 @@ def cmd_studies_purge(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _states(args: argparse.Namespace, known: Sequence[str]) -> list[str] | None:
+    state = getattr(args, "state", None)
+    if not state:
+        return None
+    states = [s.strip() for s in state.split(",") if s.strip()]
+    wrong = [s for s in states if s not in known]
+    if wrong:
+        raise CliError(f"unknown state {', '.join(map(repr, wrong))}; states are {', '.join(known)}", EXIT_USAGE)
+    return states
+
+
 def cmd_jobs(args: argparse.Namespace) -> int:
-    from .queue import JobQueue
+    from .queue import JOB_STATES, JobQueue
 
     cfg = _config(args)
-    state = getattr(args, "state", None)
-    rows = JobQueue(_store(cfg)).list(state.split(",") if state else None, getattr(args, "limit", 200))
+    states = _states(args, JOB_STATES)
+    rows = JobQueue(_store(cfg)).list(states, getattr(args, "limit", 200))
     for r in rows:
         r["created"] = _ago(r["created_at"])
         r["took"] = f"{r['finished_at'] - r['started_at']:.1f}s" if r["finished_at"] and r["started_at"] else "-"
@@ -353,11 +364,11 @@ def cmd_jobs_retry(args: argparse.Namespace) -> int:
 
 
 def cmd_outbox(args: argparse.Namespace) -> int:
-    from .outbox import Outbox
+    from .outbox import OUTBOX_STATES, Outbox
 
     cfg = _config(args)
-    state = getattr(args, "state", None)
-    rows = Outbox(_store(cfg)).list(state.split(",") if state else None, getattr(args, "limit", 200))
+    states = _states(args, OUTBOX_STATES)
+    rows = Outbox(_store(cfg)).list(states, getattr(args, "limit", 200))
     for r in rows:
         r["next"] = _ago(r["next_attempt"]) if r["state"] == "pending" and r["next_attempt"] > time.time() else "-"
         r["sent"] = _ago(r["sent_at"])

@@ -169,6 +169,8 @@ def test_jobs_retry_and_outbox_resend(site, capsys):
     assert code == 0 and {j["id"] for j in json.loads(out)} == {job, queued}
     code, out, _ = run(capsys, "jobs", "--json", "list")
     assert code == 0 and len(json.loads(out)) == 2
+    code, _, err = run(capsys, "jobs", "--state", "faild")
+    assert code == 2 and "unknown state 'faild'" in err
     code, out, _ = run(capsys, "jobs", "retry", str(job))
     assert code == 0 and "queued again" in out and "takes effect when it starts" in out
     assert q.list(["queued"])[-1]["id"] == job and q.list(["queued"])[-1]["attempts"] == 0
