@@ -307,6 +307,8 @@ def cmd_studies_purge(args: argparse.Namespace) -> int:
     from .admin import parse_duration, purge
 
     cfg = _config(args)
+    if not args.older_than and not cfg.storage.retention_days:
+        raise CliError("storage.retention_days is 0 (keep studies); say how old with --older-than, e.g. 30d", EXIT_USAGE)
     seconds = parse_duration(args.older_than) if args.older_than else cfg.storage.retention_days * 86400.0
     report = purge(_store(cfg), seconds, dry_run=args.dry_run)
     if getattr(args, "json", False):

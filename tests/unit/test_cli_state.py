@@ -235,6 +235,8 @@ def test_purge_removes_old_finished_studies_and_keeps_open_work(site, capsys):
     report = json.loads(out)
     assert code == 0 and report["purged"] == [old_done] and report["files_removed"] == 3
     assert all(p.exists() for files in spool_files.values() for p in files)  # a dry run deletes nothing
+    code, out, _ = run(capsys, "studies", "purge", "--dry-run", "--json")  # default: storage.retention_days (30)
+    assert code == 0 and json.loads(out)["purged"] == [old_done]
 
     code, out, _ = run(capsys, "studies", "purge", "--older-than", "30d")
     assert code == 0 and out.startswith("purged 1 study") and "kept 2" in out
