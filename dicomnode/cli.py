@@ -1,6 +1,10 @@
-"""``dicomnode`` command line: run the node, try analyzers on files, and look into its state.
+"""``dicomnode`` command line: run the node, try analyzers on files, look into its state, and administer it
+(rules, destinations, callers, jobs, outbox, studies, models, status; the logic lives in :mod:`dicomnode.admin`).
 
-Exit status: 0 success; 1 failure; 2 usage or configuration error; 3 not applicable (analyze).
+Listing commands take ``--json``; a failure prints one line ``dicomnode: <reason>`` on stderr.
+
+Exit status: 0 success; 1 failure (or the node is down, for status); 2 usage or configuration error;
+3 not applicable (analyze; studies reprocess when no rule matches).
 """
 
 from __future__ import annotations
