@@ -36,7 +36,7 @@ GENERIC_CODES: dict[str, CodedConcept] = {
     "analysed_image": CodedConcept("DN-GEN-0010", PRIVATE_SCHEME, "Analysed image"),
     "measurement_flag": CodedConcept("DN-GEN-0011", PRIVATE_SCHEME, "Measurement qualifier"),
     "ai_procedure": CodedConcept("DN-GEN-0012", PRIVATE_SCHEME, "AI image analysis"),
-    "position_uncertainty": CodedConcept("DN-GEN-0013", PRIVATE_SCHEME, "Position uncertainty (one standard deviation)"),
+    "position_uncertainty": CodedConcept("DN-GEN-0013", PRIVATE_SCHEME, "Position uncertainty (SD)"),
 }
 
 _KINDS = ("findings", "measurements", "regions", "segments", "sites")
