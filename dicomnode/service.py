@@ -40,6 +40,7 @@ class Node:
         self._stop = threading.Event()
         self._watch: threading.Thread | None = None
         self._config_mtime = cfg.path.stat().st_mtime_ns
+        self._next_purge = 0.0
 
     def start(self) -> None:
         from .registry import check_templates
@@ -80,6 +81,7 @@ class Node:
                         w.start()
                 self._time_out_jobs()
                 self._reload_config()
+                self._retention()
                 if self.outbox.next_due_in() == 0:
                     self.sender.wake()
             except Exception as exc:
@@ -111,6 +113,18 @@ class Node:
         self.sender.cfg = new
         self.assembler.cfg = new
         log.info("config_reloaded", callers=len(new.callers), destinations=len(new.destinations))
+
+    def _retention(self) -> None:
+        """Hourly: purge studies older than storage.retention_days (0 keeps everything)."""
+        days = self.cfg.storage.retention_days
+        if days <= 0 or time.time() < self._next_purge:
+            return
+        self._next_purge = time.time() + 3600
+        from .admin import purge
+
+        report = purge(self.store, days * 86400.0)
+        if report.purged or report.kept:
+            log.info("retention_purge", older_than_days=days, purged=len(report.purged), kept=len(report.kept))
 
     def _recover_jobs_of(self, pid: int | None, why: str) -> None:
         if pid is None:
