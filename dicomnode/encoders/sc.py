@@ -90,6 +90,8 @@ def _encode_one(result, study, ctx, template, heatmap: Heatmap, series_uid: str,
     name = _finding_name(heatmap, template)
     lines = [f"{name}: {CAPTION}"]
     detail = f"{result.analyzer} {result.analyzer_version}"
+    if heatmap.label and heatmap.label != name:
+        detail = f"{heatmap.label} \u00b7 {detail}"
     if probability is not None and np.isfinite(probability):
         detail += f" \u00b7 probability {probability:.2f}"
     if result.not_for_clinical_use:
@@ -145,8 +147,9 @@ def _encode_one(result, study, ctx, template, heatmap: Heatmap, series_uid: str,
 
 
 def _finding_name(heatmap: Heatmap, template: Template) -> str:
+    """The finding as the template names it; the heatmap's own label goes on the second line."""
     spec = template.findings.get(heatmap.finding)
-    return heatmap.label or (spec.concept.meaning if spec else heatmap.finding)
+    return spec.concept.meaning if spec else (heatmap.label or heatmap.finding)
 
 
 def _source_item(src: pydicom.Dataset, frame: int) -> Dataset:
