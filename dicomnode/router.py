@@ -32,7 +32,11 @@ class RulesError(Exception):
 
 def _check_keyword(kw: str) -> None:
     if kw not in keyword_dict and kw not in PSEUDO_KEYWORDS:
-        raise ValueError(f"unknown attribute {kw!r}: use a DICOM keyword such as Modality or BodyPartExamined")
+        import difflib
+
+        close = difflib.get_close_matches(kw, [*keyword_dict, *PSEUDO_KEYWORDS], n=1)
+        hint = f"did you mean {close[0]}?" if close else "use a DICOM keyword such as Modality or BodyPartExamined"
+        raise ValueError(f"unknown attribute {kw!r}: {hint}")
 
 
 def check_condition(cond: Any, where: str) -> None:
@@ -274,7 +278,8 @@ class RuleSet:
             try:
                 rules.append(Rule.model_validate(item))
             except ValidationError as exc:
-                err = exc.errors()[0]
+                errors = exc.errors()  # an unknown (misspelt) key explains the others: name it first
+                err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
                 key = ".".join(str(p) for p in err["loc"]) or "(rule)"
                 msg = err["msg"].removeprefix("Value error, ")
                 if err["type"] == "extra_forbidden":

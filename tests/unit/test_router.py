@@ -68,7 +68,8 @@ def test_lazy_reader_supplies_attributes_not_in_the_index():
 
 
 @pytest.mark.parametrize("bad, message", [
-    ([{"name": "x", "when": {"Modalty": "CT"}, "analyzers": ["a"]}], "unknown attribute 'Modalty'"),
+    ([{"name": "x", "when": {"Modalty": "CT"}, "analyzers": ["a"]}], "unknown attribute 'Modalty': did you mean Modality?"),
+    ([{"name": "x", "when": {"Modality": "CT"}, "analyzerz": ["a"]}], "analyzerz: unknown key"),
     ([{"name": "x", "when": {"Modality": {"like": "CT"}}, "analyzers": ["a"]}], "unknown operator 'like'"),
     ([{"name": "x", "when": {"SeriesDescription": {"regex": "("}}, "analyzers": ["a"]}], "invalid regular expression"),
     ([{"name": "x", "when": {"Modality": "CT"}}], "analyzers: required key is missing"),
