@@ -104,6 +104,7 @@ def encode_sr(
         whole = _whole_image_region(result, root_measurements, ref_dataset)
         groups["Analysed image"] = _Group("Analysed image", regions=[whole], measurements=root_measurements)
     measurement_groups: list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations] = []
+    seen: dict[tuple[str, str, str], int] = {}
     for group in groups.values():
         if not group.regions:
             raise EncodingError(
@@ -121,10 +122,13 @@ def encode_sr(
             measurements += _region_measurements(region)
             evaluations = [_qualitative(f, template, ref_dataset, heatmap_images) for f in group.findings] if is_main else []
             evaluations += _region_evaluations(region)
+            # Stable across re-runs of the same analysis, distinct within one report.
+            name = (group.name, region.key, region.label)
+            seen[name] = seen.get(name, 0) + 1
             measurement_groups.append(
                 hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
                     tracking_identifier=hd.sr.TrackingIdentifier(
-                        uid=stable_uid(study.study_instance_uid, result.analyzer, group.name, region.key, region.label),
+                        uid=stable_uid(study.study_instance_uid, result.analyzer, *name, str(seen[name])),
                         identifier=identifier[:64],
                     ),
                     referenced_region=_image_region(region, ref_dataset(region.source, f"region {region.key!r}")),

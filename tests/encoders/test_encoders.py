@@ -179,3 +179,17 @@ def test_gsps_layers_carry_class_colours_and_keep_the_image_readable(template):
     assert pr.PresentationLUTShape == "INVERSE"
     voi = pr.SoftcopyVOILUTSequence[0]
     assert float(voi.WindowWidth) > 1 and voi.ReferencedImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+
+
+def test_tracking_uids_are_distinct_and_stable_across_runs(study, template):
+    import highdicom as hd
+
+    result = fixture_result(study)
+    result.regions.append(dataclasses.replace(result.regions[1]))  # the same keypoint twice
+    uids = []
+    for _ in range(2):
+        sr = encode_result(result, study, EncoderContext(), template)[0]
+        groups = hd.sr.Comprehensive3DSR.from_dataset(sr).content.get_planar_roi_measurement_groups()
+        uids.append([g.tracking_uid for g in groups])
+    assert len(set(uids[0])) == len(uids[0]) == 5
+    assert uids[0] == uids[1]
