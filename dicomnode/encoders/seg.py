@@ -5,6 +5,7 @@ from __future__ import annotations
 import highdicom as hd
 import numpy as np
 import pydicom
+import structlog
 from pydicom.sr.codedict import codes
 
 from analyzers import imaging
@@ -23,6 +24,8 @@ from .common import (
     series_number,
     source_dataset,
 )
+
+log = structlog.get_logger("dicomnode.encoders.seg")
 
 # Distinct display colours (RGB) for segments, in order.
 _PALETTE = [
@@ -48,10 +51,14 @@ def encode_segmentations(result: AnalysisResult, study: Study, ctx: EncoderConte
         family=codes.cid7162.ArtificialIntelligence,
         version=algorithm_version(result)[:64],
     )
-    return [
-        _encode_one(result, study, ctx, template, seg, algorithm, series_uid, number)
-        for number, seg in enumerate(result.segmentations, start=1)
-    ]
+    out = []
+    for seg in result.segmentations:
+        if not np.any(seg.masks):
+            # Nothing was segmented: a SEG needs at least one frame, and an empty one would show nothing.
+            log.info("seg_skipped_empty", analyzer=result.analyzer, segments=len(seg.segments))
+            continue
+        out.append(_encode_one(result, study, ctx, template, seg, algorithm, series_uid, len(out) + 1))
+    return out
 
 
 def _encode_one(result, study, ctx, template, seg: Segmentation, algorithm, series_uid: str, number: int) -> pydicom.Dataset:
@@ -106,9 +113,11 @@ def _encode_one(result, study, ctx, template, seg: Segmentation, algorithm, seri
             contributing_equipment=contributing_equipment(result, ctx),
         )
     except ValueError as exc:
-        if "empty" in str(exc).lower() or "no frames" in str(exc).lower():
-            raise EncodingError(f"{result.analyzer}: segmentation {number} has empty masks for every segment") from exc
-        raise
+        # highdicom refuses what a SEG cannot express (e.g. a multi-frame source without patient geometry).
+        raise EncodingError(
+            f"{result.analyzer}: segmentation {number} ({', '.join(seg.segments)}) cannot be written as a DICOM SEG "
+            f"over source {sources[0].SOPInstanceUID}: {exc}"
+        ) from exc
     _complete_pixel_measures(obj, sources[0])
     if "FrameOfReferenceUID" not in sources[0] and "ImageOrientationPatient" not in sources[0]:
         _add_image_plane_orientation(obj)
@@ -128,7 +137,8 @@ def _complete_pixel_measures(obj: pydicom.Dataset, source: pydicom.Dataset) -> N
     if not shared.get("PixelMeasuresSequence"):
         shared.PixelMeasuresSequence = [pydicom.Dataset()]
     measures = shared.PixelMeasuresSequence[0]
-    if "PixelSpacing" not in measures:
+    if "PixelSpacing" not in measures or not all(float(v) > 0 for v in measures.PixelSpacing):
+        # Anonymised files carry zero spacing, which highdicom copies and dciodvfy refuses.
         spacing = imaging.pixel_spacing(source)
         measures.PixelSpacing = list(spacing) if spacing else [1.0, 1.0]
     if "SliceThickness" not in measures:

@@ -146,8 +146,9 @@ def _points_match(r: Region, points: np.ndarray) -> bool:
 
 
 def check_seg(paths: list[Path], result: AnalysisResult, template: Template, study: Study) -> None:
-    assert len(paths) == len(result.segmentations)
-    for path, seg_in in zip(paths, result.segmentations):
+    written = [s for s in result.segmentations if np.any(s.masks)]
+    assert len(paths) == len(written), "one SEG per segmentation that has any mask pixel"
+    for path, seg_in in zip(paths, written):
         seg = hd.seg.segread(path)
         _study_attributes_match(seg, study)
         _equipment_match(seg, result)

@@ -193,3 +193,14 @@ def test_tracking_uids_are_distinct_and_stable_across_runs(study, template):
         uids.append([g.tracking_uid for g in groups])
     assert len(set(uids[0])) == len(uids[0]) == 5
     assert uids[0] == uids[1]
+
+
+def test_empty_segmentation_writes_no_seg_and_bad_geometry_is_a_clear_error(study, template):
+    result = fixture_result(study)
+    result.segmentations[0].masks[:] = False
+    objects = encode_result(result, study, EncoderContext(), template)
+    assert SEG_CLASS not in {str(ds.SOPClassUID) for ds in objects}
+    result = fixture_result(study)
+    result.segmentations[0].masks = result.segmentations[0].masks[:, :10]
+    with pytest.raises(EncodingError, match="masks are 200x10 but source"):
+        encode_result(result, study, EncoderContext(), template)
