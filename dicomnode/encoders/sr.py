@@ -117,7 +117,8 @@ def encode_sr(
             is_main = region is main
             label = _region_label(region, template)
             identifier = label if label.startswith(group.name) else f"{group.name} {label}"
-            sites = _group_sites(group, template) if is_main else []
+            # Every region of a group carries the group's sites: viewers label each drawn region with them.
+            sites = _group_sites(group, template)
             measurements = [_measurement(m, template, ref_dataset) for m in group.measurements] if is_main else []
             measurements += _region_measurements(region)
             evaluations = [_qualitative(f, template, ref_dataset, heatmap_images) for f in group.findings] if is_main else []
