@@ -155,6 +155,9 @@ def test_template_validates_and_every_object_encodes(name, tmp_path):
     result = representative_result(cls, template, study)
     objects = encode_result(result, study, EncoderContext(), template)
     check_objects(objects, result, template, study, tmp_path / "out")
+    # Without a template argument the encoder loads the same installed template itself.
+    again = encode_result(result, study, EncoderContext())
+    assert [str(ds.SOPClassUID) for ds in again] == [str(ds.SOPClassUID) for ds in objects]
 
 
 def test_installed_templates_pass_the_start_up_check():

@@ -18,6 +18,9 @@ from sr_templates.loader import load_template
 from tests.encoders.checks import SEG_CLASS, check_all
 from tests.encoders.results import FIXTURE_DIR
 
+# The CR's referring physician is a one-component name; highdicom warns when copying it.
+pytestmark = pytest.mark.filterwarnings("ignore:The string .* is unlikely to represent the intended person name:UserWarning")
+
 DATA = Path(__file__).resolve().parents[3] / "shared" / "realdata" / "pydicom-data" / "data_store" / "data"
 
 
