@@ -381,16 +381,39 @@ def _measurement(m: Measurement, template: Template, ref_dataset) -> hd.sr.Measu
     return measurement
 
 
+def _position_uncertainty(region: Region, relationship: "hd.sr.RelationshipTypeValues") -> hd.sr.NumContentItem:
+    return hd.sr.NumContentItem(
+        name=GENERIC_CODES["position_uncertainty"], value=float(region.uncertainty), unit=codes.UCUM.Millimeter,
+        relationship_type=relationship,
+    )
+
+
+def _has_uncertainty(region: Region) -> bool:
+    return region.uncertainty is not None and bool(np.isfinite(region.uncertainty))
+
+
 def _region_measurements(region: Region) -> list[hd.sr.Measurement]:
-    if region.uncertainty is None or not np.isfinite(region.uncertainty):
+    """A region's position uncertainty as a group measurement, when no uncertainty class carries it."""
+    if not _has_uncertainty(region) or region.uncertainty_class is not None:
         return []
     return [hd.sr.Measurement(name=GENERIC_CODES["position_uncertainty"], value=float(region.uncertainty), unit=codes.UCUM.Millimeter)]
 
 
 def _region_evaluations(region: Region) -> list[hd.sr.QualitativeEvaluation]:
+    """The uncertainty class, with the position uncertainty under it.
+
+    Kept under the class rather than as a group measurement so that viewers,
+    which label every drawn point with its group's measurements, show a
+    keypoint by its vertebra instead of a stack of numbers.
+    """
     if region.uncertainty_class is None:
         return []
-    return [hd.sr.QualitativeEvaluation(name=GENERIC_CODES["uncertainty_class"], value=_UNCERTAINTY_CODES[UncertaintyClass(region.uncertainty_class)])]
+    evaluation = hd.sr.QualitativeEvaluation(
+        name=GENERIC_CODES["uncertainty_class"], value=_UNCERTAINTY_CODES[UncertaintyClass(region.uncertainty_class)]
+    )
+    if _has_uncertainty(region):
+        evaluation[0].ContentSequence = hd.sr.ContentSequence([_position_uncertainty(region, _REL.HAS_PROPERTIES)])
+    return [evaluation]
 
 
 def _whole_image_region(result: AnalysisResult, measurements: list[Measurement], ref_dataset) -> Region:

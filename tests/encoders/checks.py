@@ -123,13 +123,29 @@ def check_sr(path: Path, result: AnalysisResult, template: Template, study: Stud
         if f.probability is not None:
             probs = [c for c in items[0].ContentSequence if c.ConceptNameCodeSequence[0].CodeValue == codes.DCM.Probability.value]
             assert probs and abs(float(probs[0].MeasuredValueSequence[0].NumericValue) - f.probability) < 1e-4
-    rois = [(g.roi.value, g.roi.ContentSequence[0].ReferencedSOPSequence[0]) for g in groups]
     for r in result.regions:
-        assert any(_region_matches(r, pts, ref) for pts, ref in rois), f"region {r.key} ({r.label}) not in the SR"
+        found = [g for g in groups if _region_matches(r, g.roi.value, g.roi.ContentSequence[0].ReferencedSOPSequence[0])]
+        assert found, f"region {r.key} ({r.label}) not in the SR"
+        if r.uncertainty is not None:
+            sigmas = [
+                float(x.MeasuredValueSequence[0].NumericValue)
+                for g in found for x in _walk(g[0])
+                if x.get("ValueType") == "NUM" and x.ConceptNameCodeSequence[0].CodeValue == GENERIC_CODES["position_uncertainty"].value
+            ]
+            assert any(abs(v - r.uncertainty) < 1e-4 for v in sigmas), f"uncertainty of region {r.label} not in the SR"
+        if r.uncertainty_class is not None:
+            classes = [x.ConceptCodeSequence[0].CodeMeaning for g in found for x in _walk(g[0]) if x.get("ValueType") == "CODE"]
+            assert any(c.lower().replace(" ", "_") == str(r.uncertainty_class.value) for c in classes)
     review = [x for x in root if x.ValueType == "CODE" and x.ConceptNameCodeSequence[0].CodeValue == GENERIC_CODES["review_required"].value]
     assert review and review[0].ConceptCodeSequence[0].CodeValue == (codes.SCT.Yes if result.review_required else codes.SCT.No).value
     notice = [x for x in root if x.ValueType == "TEXT" and x.ConceptNameCodeSequence[0].CodeValue == GENERIC_CODES["not_for_clinical_use"].value]
     assert bool(notice) == result.not_for_clinical_use
+
+
+def _walk(item: pydicom.Dataset):
+    for child in item.get("ContentSequence", []):
+        yield child
+        yield from _walk(child)
 
 
 def _region_matches(r: Region, points: np.ndarray, ref: pydicom.Dataset) -> bool:
