@@ -82,11 +82,16 @@ def _emit(args: argparse.Namespace, rows: list[dict[str, Any]], columns: list[tu
         print_table(rows, columns, empty)
 
 
+_NOT_DICOM = frozenset({".json", ".txt", ".md", ".png", ".jpg", ".npz", ".npy", ".nii", ".gz", ".nrrd", ".mat", ".csv", ".yaml"})
+
+
 def collect_files(paths: Sequence[str]) -> list[Path]:
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            out += sorted(x for x in p.rglob("*") if x.is_file() and not x.name.startswith(".") and x.suffix.lower() not in (".json", ".txt", ".md", ".png"))
+            # folders hold other things too (phantoms' truth.json and masks): take only what may be DICOM
+            out += sorted(x for x in p.rglob("*") if x.is_file() and not x.name.startswith(".")
+                          and x.suffix.lower() not in _NOT_DICOM)
         elif p.is_file():
             out.append(p)
         else:
