@@ -153,6 +153,40 @@ def run_sender(work: Path, files: list[Path], repeats: int) -> dict:
     return row
 
 
+MARK_START, MARK_END = "<!-- receive:start -->", "<!-- receive:end -->"
+
+
+def markdown(result: dict) -> str:
+    """The README table: each receiver beside storescp and Orthanc on the same workload and run."""
+    lines = [f"Measured {result['date']} on this project's {result['machine']['cpus']}-core machine "
+             f"(Python {result['machine']['python']}), medians of {result.get('repeats', '?')} runs, with "
+             "`.venv/bin/python benchmarks/receive.py`. storescp and Orthanc write without fsync; the node's "
+             "default writes each instance durably (fsync) before answering.", "",
+             "| workload | associations | receiver | inst/s | MB/s | × storescp inst/s | × storescp MB/s | × Orthanc inst/s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = result["receive"]
+    for r in rows:
+        ref = next(x for x in rows if x["workload"] == r["workload"] and x["associations"] == r["associations"] and x["receiver"] == "storescp")
+        orth = next(x for x in rows if x["workload"] == r["workload"] and x["associations"] == r["associations"] and x["receiver"] == "orthanc")
+        lines.append(f"| {r['workload']} | {r['associations']} | {r['receiver']} | {r['inst_per_s']} | {r['mb_per_s']} | "
+                     f"{r['inst_per_s'] / ref['inst_per_s']:.2f} | {r['mb_per_s'] / ref['mb_per_s']:.2f} | {r['inst_per_s'] / orth['inst_per_s']:.2f} |")
+    send = result["send"]
+    lines += ["", f"Sending results back (the node's sender emptying an outbox of {send['instances']} CT-like objects into "
+              f"Orthanc over one association): **{send['inst_per_s']} inst/s** (runs: {send['runs']} s)."]
+    return "\n".join(lines)
+
+
+def write_readme(result: dict, readme: Path) -> None:
+    text = readme.read_text() if readme.exists() else "# Benchmarks\n"
+    block = f"{MARK_START}\n{markdown(result)}\n{MARK_END}"
+    if MARK_START in text:
+        head, rest = text.split(MARK_START, 1)
+        text = head + block + rest.split(MARK_END, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n## Receive and send-back rate\n\n" + block + "\n"
+    readme.write_text(text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
@@ -160,6 +194,7 @@ def main() -> None:
     ap.add_argument("--cr", type=int, default=100)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "receive.json"))
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--readme", default=str(REPO / "benchmarks" / "README.md"), help="update this file's receive table ('' to skip)")
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="dicomnode-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -171,9 +206,11 @@ def main() -> None:
         rows = run_receivers(work, workloads, args.repeats)
         send = run_sender(work, workloads["CT 256x256x16"], args.repeats)
         result = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}, "receive": rows, "send": send,
-                  "date": time.strftime("%Y-%m-%d")}
+                  "date": time.strftime("%Y-%m-%d"), "repeats": args.repeats}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        if args.readme:
+            write_readme(result, Path(args.readme))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
