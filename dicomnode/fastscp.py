@@ -8,8 +8,8 @@ arrived, and answer with a C-STORE-RSP encoded here. Association negotiation fol
 section 9.3 and 9.3.2-9.3.4; the DIMSE command set is always Implicit VR Little Endian (PS3.7
 section 6.3.1).
 
-Everything else on the network side (the SCU that sends results back, query/retrieve) stays
-with pynetdicom.
+PDU, item and command-set encoding shared with the sender's requestor lives in
+:mod:`dicomnode.dul`; query/retrieve stays with pynetdicom.
 """
 
 from __future__ import annotations
@@ -24,48 +24,26 @@ from typing import Callable
 
 import structlog
 
+from .dul import (
+    ABORT, ABORT_INVALID_PARAMETER, ABORT_NOT_SPECIFIED, ABORT_UNEXPECTED_PARAMETER, ABORT_UNEXPECTED_PDU,
+    ABORT_UNRECOGNIZED_PDU, APPLICATION_CONTEXT, ASSOCIATE_AC, ASSOCIATE_RJ, ASSOCIATE_RQ, C_CANCEL_RQ, C_ECHO_RQ,
+    C_ECHO_RSP, C_STORE_RQ, C_STORE_RSP, CANNOT_UNDERSTAND, CONTEXT_ABSTRACT_SYNTAX_NOT_SUPPORTED, CONTEXT_ACCEPTED,
+    CONTEXT_TRANSFER_SYNTAXES_NOT_SUPPORTED, IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, IMPLICIT_VR_LE,
+    NO_DATA_SET, P_DATA_TF, PDU_HEADER, PDU_TYPES, PDV_HEADER, PROCESSING_FAILURE, RELEASE_RP_PDU, RELEASE_RQ,
+    SUCCESS, UNRECOGNIZED_OPERATION, VERIFICATION, ProtocolError, abort_pdu, encode_command, encode_p_data, item,
+    items, padded, parse_command, text, uid_text, uint, user_information,
+)
+
 log = structlog.get_logger("dicomnode.fastscp")
 
-IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1137.1"
-IMPLEMENTATION_VERSION_NAME = "DICOMNODE"
-APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
-VERIFICATION = "1.2.840.10008.1.1"
-IMPLICIT_VR_LE = "1.2.840.10008.1.2"
-
-# DIMSE status codes (PS3.7 annex C, PS3.4 B.2.3)
-SUCCESS = 0x0000
-UNRECOGNIZED_OPERATION = 0x0211
-CANNOT_UNDERSTAND = 0xC000
-PROCESSING_FAILURE = 0xC211
-
-# DIMSE command fields (PS3.7 E.1)
-C_STORE_RQ = 0x0001
-C_STORE_RSP = 0x8001
-C_ECHO_RQ = 0x0030
-C_ECHO_RSP = 0x8030
-C_CANCEL_RQ = 0x0FFF
-NO_DATA_SET = 0x0101
 # Requests this acceptor does not serve but whose response is defined: answered with 0x0211.
 _ANSWERED_UNSUPPORTED = frozenset({0x0010, 0x0020, 0x0021, 0x0100, 0x0110, 0x0120, 0x0130, 0x0140, 0x0150})
-
-# PDU types (PS3.8 9.3.1)
-_ASSOCIATE_RQ, _ASSOCIATE_AC, _ASSOCIATE_RJ = 0x01, 0x02, 0x03
-_P_DATA_TF, _RELEASE_RQ, _RELEASE_RP, _ABORT = 0x04, 0x05, 0x06, 0x07
 
 # A-ASSOCIATE-RJ (result, source, reason) triples (PS3.8 9.3.4)
 REJECT_CALLING_AE = (1, 1, 3)           # permanent, service-user, calling AE title not recognised
 REJECT_APPLICATION_CONTEXT = (1, 1, 2)  # permanent, service-user, application context name not supported
 REJECT_PROTOCOL_VERSION = (1, 2, 2)     # permanent, service-provider (ACSE), protocol version not supported
 REJECT_LOCAL_LIMIT = (2, 3, 2)          # transient, service-provider (presentation), local limit exceeded
-
-# A-ABORT reasons from the service provider (PS3.8 9.3.8)
-ABORT_NOT_SPECIFIED, ABORT_UNRECOGNIZED_PDU, ABORT_UNEXPECTED_PDU = 0, 1, 2
-ABORT_UNEXPECTED_PARAMETER, ABORT_INVALID_PARAMETER = 5, 6
-
-# Presentation context results in the A-ASSOCIATE-AC (PS3.8 9.3.3.2)
-CONTEXT_ACCEPTED = 0
-CONTEXT_ABSTRACT_SYNTAX_NOT_SUPPORTED = 3
-CONTEXT_TRANSFER_SYNTAXES_NOT_SUPPORTED = 4
 
 # Non-P-DATA PDUs (association requests) larger than this are refused as malformed.
 _MAX_CONTROL_PDU = 1 << 20
@@ -78,19 +56,6 @@ _NOT_STORAGE_PREFIXES = (
     "1.2.840.10008.5.1.4.45.", "1.2.840.10008.5.1.1.", "1.2.840.10008.1.20.", "1.2.840.10008.1.40",
     "1.2.840.10008.1.42", "1.2.840.10008.3.1.2.", "1.2.840.10008.4.2", "1.2.840.10008.5.1.4.20.",
 )
-
-_PDU_HEADER = struct.Struct(">BxI")
-_PDV_HEADER = struct.Struct(">IBB")
-_ELEMENT = struct.Struct("<HHI")
-
-
-class ProtocolError(Exception):
-    """The peer broke the upper-layer or DIMSE protocol; the association is aborted with ``reason``."""
-
-    def __init__(self, message: str, reason: int = ABORT_NOT_SPECIFIED) -> None:
-        super().__init__(message)
-        self.reason = reason
-
 
 @dataclass(slots=True)
 class StoreRequest:
@@ -357,8 +322,8 @@ class _Association:
 
     def _read_pdu(self, limit: int) -> tuple[int, memoryview]:
         self._recv_exact(self.header_view)
-        pdu_type, length = _PDU_HEADER.unpack(self.header)
-        if pdu_type not in (_ASSOCIATE_RQ, _ASSOCIATE_AC, _ASSOCIATE_RJ, _P_DATA_TF, _RELEASE_RQ, _RELEASE_RP, _ABORT):
+        pdu_type, length = PDU_HEADER.unpack(self.header)
+        if pdu_type not in PDU_TYPES:
             raise ProtocolError(f"unrecognised PDU type 0x{pdu_type:02x}", ABORT_UNRECOGNIZED_PDU)
         if length > limit:
             raise ProtocolError(f"PDU of {length} bytes exceeds the {limit}-byte maximum", ABORT_INVALID_PARAMETER)
@@ -371,7 +336,7 @@ class _Association:
 
     def _send_abort(self, reason: int, source: int = 2) -> None:
         try:
-            self.sock.sendall(bytes((_ABORT, 0, 0, 0, 0, 4, 0, 0, source, reason)))
+            self.sock.sendall(abort_pdu(reason, source))
         except OSError:
             pass
 
@@ -386,7 +351,7 @@ class _Association:
                 with scp._lock:  # stop() must shut down the socket that now owns the descriptor
                     scp._connections[threading.current_thread()] = self.sock
             pdu_type, body = self._read_pdu(_MAX_CONTROL_PDU)
-            if pdu_type != _ASSOCIATE_RQ:
+            if pdu_type != ASSOCIATE_RQ:
                 raise ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02x}", ABORT_UNEXPECTED_PDU)
             rq = parse_associate_rq(body)
         except (ProtocolError, OSError, ssl.SSLError, ConnectionError) as exc:
@@ -467,15 +432,15 @@ class _Association:
         fields: dict[int, bytes] | None = None  # a parsed command waiting for its data set
         dataset = bytearray()
         context_id = 0
-        pdv_header = _PDV_HEADER.unpack_from
+        pdv_header = PDV_HEADER.unpack_from
         while True:
             pdu_type, body = self._read_pdu(max_pdu)
-            if pdu_type == _RELEASE_RQ:
-                self.sock.sendall(bytes((_RELEASE_RP, 0, 0, 0, 0, 4, 0, 0, 0, 0)))
+            if pdu_type == RELEASE_RQ:
+                self.sock.sendall(RELEASE_RP_PDU)
                 return "released" if fields is None and not command else "released mid-message"
-            if pdu_type == _ABORT:
+            if pdu_type == ABORT:
                 return "aborted by peer"
-            if pdu_type != _P_DATA_TF:
+            if pdu_type != P_DATA_TF:
                 raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02x} on an established association",
                                     ABORT_UNEXPECTED_PDU)
             offset, end = 0, len(body)
@@ -501,7 +466,7 @@ class _Association:
                         continue
                     parsed = parse_command(command)
                     command = bytearray()
-                    if _uint(parsed.get(0x0800), 2, NO_DATA_SET) == NO_DATA_SET:
+                    if uint(parsed.get(0x0800), 2, NO_DATA_SET) == NO_DATA_SET:
                         self._dispatch(neg, pcid, parsed, None)
                     else:
                         fields = parsed
@@ -516,22 +481,22 @@ class _Association:
 
     def _dispatch(self, neg: _Negotiated, pcid: int, fields: dict[int, bytes], dataset: bytearray | None) -> None:
         ctx = neg.contexts[pcid]
-        cmd = _uint(fields.get(0x0100), 2, -1)
-        message_id = _uint(fields.get(0x0110), 2, 0)
+        cmd = uint(fields.get(0x0100), 2, -1)
+        message_id = uint(fields.get(0x0110), 2, 0)
         if cmd == C_STORE_RQ:
             status, comment = self._store(neg, ctx, fields, message_id, dataset)
-            rsp = encode_command(C_STORE_RSP, message_id, status, _text(fields.get(0x0002)) or ctx.abstract_syntax,
-                                 _text(fields.get(0x1000)), comment)
+            rsp = encode_command(C_STORE_RSP, message_id, status, text(fields.get(0x0002)) or ctx.abstract_syntax,
+                                 text(fields.get(0x1000)), comment)
         elif cmd == C_ECHO_RQ:
             self.info.echoes += 1
-            rsp = encode_command(C_ECHO_RSP, message_id, SUCCESS, _text(fields.get(0x0002)) or ctx.abstract_syntax, "")
+            rsp = encode_command(C_ECHO_RSP, message_id, SUCCESS, text(fields.get(0x0002)) or ctx.abstract_syntax, "")
         elif cmd == C_CANCEL_RQ:
             return  # nothing of ours is cancellable; C-CANCEL has no response
         elif cmd in _ANSWERED_UNSUPPORTED:
             self.info.failures += 1
             rsp = encode_command(cmd | 0x8000, message_id, UNRECOGNIZED_OPERATION,
-                                 _text(fields.get(0x0002) or fields.get(0x0003)),
-                                 _text(fields.get(0x1000) or fields.get(0x1001)), "")
+                                 text(fields.get(0x0002) or fields.get(0x0003)),
+                                 text(fields.get(0x1000) or fields.get(0x1001)), "")
         else:
             raise ProtocolError(f"unexpected DIMSE command 0x{cmd:04x}", ABORT_UNEXPECTED_PARAMETER)
         self.sock.sendall(encode_p_data(pcid, rsp, neg.peer_max_pdu))
@@ -543,8 +508,8 @@ class _Association:
             return CANNOT_UNDERSTAND, "C-STORE request without a data set"
         request = StoreRequest(
             calling_ae=neg.calling_ae, called_ae=neg.called_ae, host=self.host, sop_class_uid=ctx.abstract_syntax,
-            transfer_syntax=ctx.transfer_syntax, affected_sop_class_uid=_text(fields.get(0x0002)),
-            affected_sop_instance_uid=_text(fields.get(0x1000)), message_id=message_id, dataset=dataset)
+            transfer_syntax=ctx.transfer_syntax, affected_sop_class_uid=text(fields.get(0x0002)),
+            affected_sop_instance_uid=text(fields.get(0x1000)), message_id=message_id, dataset=dataset)
         try:
             status, comment = self.scp.store(request)
             status, comment = int(status), str(comment or "")
@@ -585,10 +550,6 @@ class AssociateRequest:
     implementation_class_uid: str = ""
 
 
-def _uid(raw: bytes | memoryview) -> str:
-    return bytes(raw).rstrip(b"\x00 ").decode("ascii", "replace").strip()
-
-
 def parse_associate_rq(body: bytes | memoryview) -> AssociateRequest:
     """Decode the variable part of an A-ASSOCIATE-RQ PDU (everything after its 6-byte header).
 
@@ -601,41 +562,27 @@ def parse_associate_rq(body: bytes | memoryview) -> AssociateRequest:
     if len(body) < 68:
         raise ProtocolError(f"A-ASSOCIATE-RQ of {len(body)} bytes is shorter than its fixed part", ABORT_INVALID_PARAMETER)
     version = struct.unpack_from(">H", body, 0)[0]
-    rq = AssociateRequest(protocol_version=version, called_ae=_uid(body[4:20]), calling_ae=_uid(body[20:36]))
-    for item_type, item in _items(body[68:], 2):
+    rq = AssociateRequest(protocol_version=version, called_ae=uid_text(body[4:20]), calling_ae=uid_text(body[20:36]))
+    for item_type, value in items(body[68:], "A-ASSOCIATE-RQ"):
         if item_type == 0x10:
-            rq.application_context = _uid(item)
+            rq.application_context = uid_text(value)
         elif item_type == 0x20:
-            if len(item) < 4:
+            if len(value) < 4:
                 raise ProtocolError("presentation context item too short", ABORT_INVALID_PARAMETER)
             abstract, transfers = "", []
-            for sub_type, sub in _items(item[4:], 2):
+            for sub_type, sub in items(value[4:], "A-ASSOCIATE-RQ"):
                 if sub_type == 0x30:
-                    abstract = _uid(sub)
+                    abstract = uid_text(sub)
                 elif sub_type == 0x40:
-                    transfers.append(_uid(sub))
-            rq.contexts.append((item[0], abstract, transfers))
+                    transfers.append(uid_text(sub))
+            rq.contexts.append((value[0], abstract, transfers))
         elif item_type == 0x50:
-            for sub_type, sub in _items(item, 2):
+            for sub_type, sub in items(value, "A-ASSOCIATE-RQ"):
                 if sub_type == 0x51 and len(sub) >= 4:
                     rq.max_pdu = struct.unpack_from(">I", sub, 0)[0]
                 elif sub_type == 0x52:
-                    rq.implementation_class_uid = _uid(sub)
+                    rq.implementation_class_uid = uid_text(sub)
     return rq
-
-
-def _items(data: memoryview, length_size: int):
-    """Yield (type, value) of consecutive items: type (1), reserved (1), length (2 bytes, big endian)."""
-    offset, end = 0, len(data)
-    while offset < end:
-        if end - offset < 4:
-            raise ProtocolError("truncated item header in A-ASSOCIATE-RQ", ABORT_INVALID_PARAMETER)
-        item_type = data[offset]
-        length = struct.unpack_from(">H", data, offset + 2)[0]
-        if offset + 4 + length > end:
-            raise ProtocolError(f"item 0x{item_type:02x} overruns the A-ASSOCIATE-RQ", ABORT_INVALID_PARAMETER)
-        yield item_type, data[offset + 4: offset + 4 + length]
-        offset += 4 + length
 
 
 def is_standard_transfer_syntax(uid: str) -> bool:
@@ -670,13 +617,9 @@ def negotiate(rq: AssociateRequest, accept_sop_class: Callable[[str], bool]) -> 
     return neg
 
 
-def _item(item_type: int, value: bytes) -> bytes:
-    return struct.pack(">BxH", item_type, len(value)) + value
-
-
 def encode_associate_ac(rq: AssociateRequest, neg: _Negotiated, max_pdu: int) -> bytes:
     """A-ASSOCIATE-AC answering every proposed context: accepted ones with their syntax, the rest with result 3 or 4."""
-    parts = [_item(0x10, APPLICATION_CONTEXT.encode())]
+    parts = [item(0x10, APPLICATION_CONTEXT.encode())]
     for pcid, abstract, transfers in rq.contexts:
         ctx = neg.contexts.get(pcid)
         if ctx is not None:
@@ -684,93 +627,16 @@ def encode_associate_ac(rq: AssociateRequest, neg: _Negotiated, max_pdu: int) ->
         else:
             result = neg.refused.get(pcid, CONTEXT_ABSTRACT_SYNTAX_NOT_SUPPORTED)
             ts = transfers[0] if transfers else IMPLICIT_VR_LE  # not significant when not accepted
-        parts.append(_item(0x21, bytes((pcid, 0, result, 0)) + _item(0x40, ts.encode())))
-    user = (_item(0x51, struct.pack(">I", max_pdu)) + _item(0x52, IMPLEMENTATION_CLASS_UID.encode())
-            + _item(0x55, IMPLEMENTATION_VERSION_NAME.encode()))
-    parts.append(_item(0x50, user))
+        parts.append(item(0x21, bytes((pcid, 0, result, 0)) + item(0x40, ts.encode())))
+    parts.append(user_information(max_pdu))
     fixed = (struct.pack(">HH", 1, 0) + rq.called_ae.encode("ascii", "replace")[:16].ljust(16)
              + rq.calling_ae.encode("ascii", "replace")[:16].ljust(16) + bytes(32))
     body = fixed + b"".join(parts)
-    return struct.pack(">BxI", _ASSOCIATE_AC, len(body)) + body
+    return PDU_HEADER.pack(ASSOCIATE_AC, len(body)) + body
 
 
 def encode_associate_rj(result: int, source: int, reason: int) -> bytes:
-    return bytes((_ASSOCIATE_RJ, 0, 0, 0, 0, 4, 0, result, source, reason))
-
-
-# -- DIMSE command sets (PS3.7 E.1, Implicit VR Little Endian) ------------------------------
-
-def parse_command(data: bytes | bytearray) -> dict[int, bytes]:
-    """Element number -> raw value for a group 0000 command set.
-
-    Raises
-    ------
-    ProtocolError
-        When an element is truncated or outside group 0000.
-    """
-    fields: dict[int, bytes] = {}
-    offset, end = 0, len(data)
-    unpack = _ELEMENT.unpack_from
-    while offset < end:
-        if end - offset < 8:
-            raise ProtocolError("truncated element in the DIMSE command set", ABORT_INVALID_PARAMETER)
-        group, element, length = unpack(data, offset)
-        offset += 8
-        if group != 0 or offset + length > end:
-            raise ProtocolError("malformed DIMSE command set", ABORT_INVALID_PARAMETER)
-        fields[element] = bytes(data[offset: offset + length])
-        offset += length
-    if 0x0100 not in fields:
-        raise ProtocolError("DIMSE command set without CommandField (0000,0100)", ABORT_INVALID_PARAMETER)
-    return fields
-
-
-def _uint(raw: bytes | None, size: int, default: int) -> int:
-    if raw is None or len(raw) < size:
-        return default
-    return int.from_bytes(raw[:size], "little")
-
-
-def _text(raw: bytes | None) -> str:
-    return raw.rstrip(b"\x00 ").decode("ascii", "replace") if raw else ""
-
-
-def _element(element: int, value: bytes) -> bytes:
-    return _ELEMENT.pack(0, element, len(value)) + value
-
-
-def _padded(text: str, pad: bytes) -> bytes:
-    raw = text.encode("ascii", "replace")
-    return raw + pad if len(raw) % 2 else raw
-
-
-def encode_command(command: int, message_id: int, status: int, sop_class: str, sop_instance: str = "",
-                   comment: str = "") -> bytes:
-    """A response command set: group length first, then ascending tags, Implicit VR Little Endian."""
-    body = b""
-    if sop_class:
-        body += _element(0x0002, _padded(sop_class, b"\x00"))
-    body += _element(0x0100, struct.pack("<H", command))
-    body += _element(0x0120, struct.pack("<H", message_id))
-    body += _element(0x0800, struct.pack("<H", NO_DATA_SET))
-    body += _element(0x0900, struct.pack("<H", status))
-    if comment:
-        body += _element(0x0902, _padded(comment[:64], b" "))
-    if sop_instance:
-        body += _element(0x1000, _padded(sop_instance, b"\x00"))
-    return _element(0x0000, struct.pack("<I", len(body))) + body
-
-
-def encode_p_data(context_id: int, command: bytes, peer_max_pdu: int) -> bytes:
-    """The command set as P-DATA-TF PDUs, split only when the peer's maximum PDU length is smaller."""
-    chunk = len(command) if not peer_max_pdu else max(1, min(len(command), peer_max_pdu - 6))
-    out = []
-    for start in range(0, len(command), chunk):
-        piece = command[start: start + chunk]
-        mch = 0x03 if start + chunk >= len(command) else 0x01
-        pdv = struct.pack(">IBB", len(piece) + 2, context_id, mch) + piece
-        out.append(struct.pack(">BxI", _P_DATA_TF, len(pdv)) + pdv)
-    return b"".join(out)
+    return bytes((ASSOCIATE_RJ, 0, 0, 0, 0, 4, 0, result, source, reason))
 
 
 # -- Part 10 file header ---------------------------------------------------------------------
@@ -784,11 +650,11 @@ def _explicit(group: int, element: int, vr: bytes, value: bytes) -> bytes:
 def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, source_ae: str = "") -> bytes:
     """128-byte preamble, ``DICM`` and the file meta information group (PS3.10 7.1), Explicit VR LE."""
     meta = (_explicit(2, 0x0001, b"OB", b"\x00\x01")
-            + _explicit(2, 0x0002, b"UI", _padded(sop_class_uid, b"\x00"))
-            + _explicit(2, 0x0003, b"UI", _padded(sop_instance_uid, b"\x00"))
-            + _explicit(2, 0x0010, b"UI", _padded(transfer_syntax, b"\x00"))
-            + _explicit(2, 0x0012, b"UI", _padded(IMPLEMENTATION_CLASS_UID, b"\x00"))
-            + _explicit(2, 0x0013, b"SH", _padded(IMPLEMENTATION_VERSION_NAME, b" ")))
+            + _explicit(2, 0x0002, b"UI", padded(sop_class_uid, b"\x00"))
+            + _explicit(2, 0x0003, b"UI", padded(sop_instance_uid, b"\x00"))
+            + _explicit(2, 0x0010, b"UI", padded(transfer_syntax, b"\x00"))
+            + _explicit(2, 0x0012, b"UI", padded(IMPLEMENTATION_CLASS_UID, b"\x00"))
+            + _explicit(2, 0x0013, b"SH", padded(IMPLEMENTATION_VERSION_NAME, b" ")))
     if source_ae:
-        meta += _explicit(2, 0x0016, b"AE", _padded(source_ae[:16], b" "))
+        meta += _explicit(2, 0x0016, b"AE", padded(source_ae[:16], b" "))
     return bytes(128) + b"DICM" + _explicit(2, 0x0000, b"UL", struct.pack("<I", len(meta))) + meta
