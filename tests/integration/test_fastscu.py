@@ -3,7 +3,10 @@ acceptor) and against scripted peers that reject, go silent, abort, release or a
 
 from __future__ import annotations
 
+import io
+import shutil
 import socket
+import ssl
 import struct
 import subprocess
 import threading
@@ -172,6 +175,42 @@ def test_unreadable_files_are_errors_and_the_rest_goes(tmp_path, storescp):
                                            [files[0], junk, tmp_path / "missing.dcm", files[1]], timeout=10)
     assert (kept, assoc_error) == ([0, 3], None)
     assert "not a DICOM Part 10 file" in errors[1] and "No such file" in errors[2]
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is needed to make a test certificate")
+def test_tls_to_the_nodes_own_acceptor(tmp_path):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost"], check=True, capture_output=True)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, key)
+    got = []
+    scp = FastStorageSCP("NODE", "127.0.0.1", 0, store=lambda req: (got.append(bytes(req.dataset)), (0, ""))[1],
+                         allow=lambda ae, host: True, ssl_context=server_ctx, network_timeout=5)
+    scp.start()
+    try:
+        client_ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
+        files = phantoms(tmp_path / "src", 3, size=256)
+        kept, errors, assoc_error = send_files("localhost", scp.port, "NODE", "DICOMNODE", files, timeout=5,
+                                               ssl_context=client_ctx)
+        assert (kept, errors, assoc_error) == ([0, 1, 2], {}, None)
+        assert got == [dataset_part(f.read_bytes()) for f in files]
+        ok, message = echo("localhost", scp.port, "NODE", "DICOMNODE", timeout=5, ssl_context=client_ctx)
+        assert ok, message
+        ok, message = echo("localhost", scp.port, "NODE", "DICOMNODE", timeout=5)  # plain TCP to a TLS port
+        assert not ok
+    finally:
+        scp.stop()
+
+
+def test_request_command_sets_read_back_with_pydicom():
+    store = pydicom.dcmread(io.BytesIO(dul.encode_store_rq(9, CT_IMAGE, "1.2.3.45")), force=True)
+    assert (store.CommandField, store.MessageID, store.Priority, store.CommandDataSetType) == (1, 9, 0, 0)
+    assert (store.AffectedSOPClassUID, store.AffectedSOPInstanceUID) == (CT_IMAGE, "1.2.3.45")
+    raw = dul.encode_echo_rq(3)
+    echo_rq = pydicom.dcmread(io.BytesIO(raw), force=True)
+    assert (echo_rq.CommandField, echo_rq.MessageID, echo_rq.CommandDataSetType) == (0x30, 3, 0x0101)
+    assert echo_rq.CommandGroupLength == len(raw) - 12
 
 
 # -- scripted peers --------------------------------------------------------------------------
