@@ -178,7 +178,7 @@ def _grid_targets(boxes: list[np.ndarray], grid: int, n_cls: int, flip: np.ndarr
     return obj, txy, twh, cls
 
 
-def train_detector(data: dict[str, Any], n_cls: int, epochs: int, device: str, init: VertebraDetector | None = None, seed: int = 0) -> VertebraDetector:
+def train_detector(data: dict[str, Any], n_cls: int, epochs: int, device: str, init: VertebraDetector | None = None, seed: int = 0, lr: float = 2e-3) -> VertebraDetector:
     torch.manual_seed(seed)
     net = VertebraDetector(n_cls).to(device)
     if init is not None:
@@ -187,8 +187,8 @@ def train_detector(data: dict[str, Any], n_cls: int, epochs: int, device: str, i
     n = len(imgs)
     batch = 16
     steps = epochs * math.ceil(n / batch)
-    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.15)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
     rng = np.random.default_rng(seed)
     grid = None
     for ep in range(epochs):
@@ -220,7 +220,7 @@ def train_detector(data: dict[str, Any], n_cls: int, epochs: int, device: str, i
     return net.eval()
 
 
-def train_keypoints(data: dict[str, Any], epochs: int, device: str, width: int, hidden: int, init: BayeCBAMKeypointNet | None = None, seed: int = 0) -> BayeCBAMKeypointNet:
+def train_keypoints(data: dict[str, Any], epochs: int, device: str, width: int, hidden: int, init: BayeCBAMKeypointNet | None = None, seed: int = 0, lr: float = 1.5e-3) -> BayeCBAMKeypointNet:
     torch.manual_seed(seed)
     net = BayeCBAMKeypointNet(width=width, hidden=hidden).to(device)
     if init is not None:
@@ -230,8 +230,8 @@ def train_keypoints(data: dict[str, Any], epochs: int, device: str, width: int, 
     n = len(crops)
     batch = 64
     steps = epochs * math.ceil(n / batch)
-    opt = torch.optim.AdamW(net.parameters(), lr=1.5e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1.5e-3, total_steps=steps, pct_start=0.1)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     # the mean head learns with MSE first; the aleatoric loss then adds the variance head
     warm = max(1, epochs // 5) if init is None else 0
     xsign = torch.tensor([-1.0, 1.0] * 5, device=device)
@@ -371,14 +371,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--data", type=Path, default=None, help="annotated studies (truth.json format) instead of phantoms")
     ap.add_argument("--skip-train", action="store_true", help="re-export, calibrate and evaluate the .pt weights in --out")
+    ap.add_argument("--regions", nargs="+", default=["cervical", "lumbar"], choices=["cervical", "lumbar"])
+    ap.add_argument("--init", type=Path, default=None, help="continue from the .pt weights of an earlier run in this folder")
+    ap.add_argument("--lr-scale", type=float, default=1.0, help="scales both peak learning rates (e.g. 0.5 when continuing)")
+    ap.add_argument("--train-split", type=int, default=1, help="seed split of the training phantoms (region, split, i); not 2 or 3")
     ap.add_argument("--cache", type=Path, default=None, help="folder to keep generated training data between runs")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     metrics: dict[str, Any] = {"version": VERSION, "mc_samples": MC_SAMPLES, "seeds": {"train": "(region, 1, i)", "validation": "(region, 2, i)", "test": "(region, 3, i)"}}
+    if args.train_split in (2, 3):
+        raise SystemExit("--train-split 2 and 3 are the validation and test phantoms")
     prev_det, prev_kp = None, None
-    for region in ("cervical", "lumbar"):
-        frac = 1.0 if prev_kp is None else args.lumbar_fraction
+    if args.regions == ["lumbar"] and args.init is None:
+        # the lumbar models start from the cervical ones of this output folder, as in the paper
+        prev_det, prev_kp = VertebraDetector(len(LEVELS["cervical"])), BayeCBAMKeypointNet(width=args.width, hidden=args.hidden)
+        prev_det.load_state_dict(torch.load(args.out / "detector_cervical.pt"))
+        prev_kp.load_state_dict(torch.load(args.out / "keypoints_cervical.pt"))
+    for region in args.regions:
+        frac = 1.0 if region == "cervical" else args.lumbar_fraction
+        if args.init is not None:
+            prev_det, prev_kp = VertebraDetector(len(LEVELS[region])), BayeCBAMKeypointNet(width=args.width, hidden=args.hidden)
+            prev_det.load_state_dict(torch.load(args.init / f"detector_{region}.pt"))
+            prev_kp.load_state_dict(torch.load(args.init / f"keypoints_{region}.pt"))
         det_path, kp_path = args.out / f"detector_{region}.onnx", args.out / f"keypoints_{region}.onnx"
         if args.skip_train:
             det, kp = VertebraDetector(len(LEVELS[region])), BayeCBAMKeypointNet(width=args.width, hidden=args.hidden)
@@ -386,9 +401,10 @@ def main(argv: list[str] | None = None) -> int:
             kp.load_state_dict(torch.load(args.out / f"keypoints_{region}.pt"))
             det, kp = det.eval(), kp.eval()
         else:
-            data = generate(region, args.images, 1, args.workers, args.data, args.cache)
-            det = train_detector(data, len(LEVELS[region]), max(1, round(args.det_epochs * frac)), args.device, init=prev_det, seed=REGION_CODE[region])
-            kp = train_keypoints(data, max(1, round(args.kp_epochs * frac)), args.device, args.width, args.hidden, init=prev_kp, seed=REGION_CODE[region])
+            data = generate(region, args.images, args.train_split, args.workers, args.data, args.cache)
+            det_epochs, kp_epochs = round(args.det_epochs * frac), max(1, round(args.kp_epochs * frac))
+            det = train_detector(data, len(LEVELS[region]), det_epochs, args.device, init=prev_det, seed=REGION_CODE[region], lr=2e-3 * args.lr_scale) if det_epochs else prev_det.eval()
+            kp = train_keypoints(data, kp_epochs, args.device, args.width, args.hidden, init=prev_kp, seed=REGION_CODE[region], lr=1.5e-3 * args.lr_scale)
             del data
         export_detector(det, det_path)
         export_keypoints(kp, kp_path)
@@ -425,7 +441,10 @@ def main(argv: list[str] | None = None) -> int:
                 "init": "cervical keypoint model" if region == "lumbar" else "random",
             },
         )
-    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    path = args.out / "metrics.json"
+    if path.is_file():
+        metrics = {**json.loads(path.read_text()), **metrics}
+    path.write_text(json.dumps(metrics, indent=2) + "\n")
     _log("done", out=str(args.out))
     return 0
 
