@@ -253,11 +253,11 @@ class StoreSCU:
         except OSError as exc:
             raise AssociationError(f"cannot connect to {self.peer}: {exc.strerror or exc}") from None
         try:
+            self._sock = sock
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.ssl_context is not None:
-                sock = self.ssl_context.wrap_socket(
+                sock = self._sock = self.ssl_context.wrap_socket(
                     sock, server_hostname=self.host if self.ssl_context.check_hostname else None)
-            self._sock = sock
             contexts = [(pcid, abstract, syntaxes) for pcid, (abstract, syntaxes) in self.proposed.items()]
             sock.sendall(encode_associate_rq(self.called_ae, self.calling_ae, contexts, self.max_pdu))
             pdu_type, body = self._read_pdu(time.monotonic() + self.timeout, _MAX_CONTROL_PDU)
@@ -285,8 +285,8 @@ class StoreSCU:
         except (OSError, ConnectionError) as exc:
             self._close()
             raise AssociationError(f"connection to {self.peer} lost while associating: {_os_words(exc)}") from None
-        fragment = (self.peer_max_pdu or _UNLIMITED_FRAGMENT + 6) - 6
-        self._fragment = min(fragment, _UNLIMITED_FRAGMENT)
+        # the peer's maximum counts the PDV item header (length, context ID, flags: 6 bytes), not the PDU header
+        self._fragment = max(1, min((self.peer_max_pdu or _UNLIMITED_FRAGMENT + 6) - 6, _UNLIMITED_FRAGMENT))
         self._out = bytearray(12 + self._fragment)
         return self
 
@@ -327,6 +327,7 @@ class StoreSCU:
             self._close()
             return
         try:
+            self._sock.settimeout(self.timeout)
             self._sock.sendall(RELEASE_RQ_PDU)
             deadline = time.monotonic() + self.timeout
             while True:
