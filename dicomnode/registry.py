@@ -64,14 +64,27 @@ def template_for(name: str, cfg: Config | None = None):
     return load_template_file(cls.template_file) if cls.template_file else load_template(name)
 
 
-def check_templates(cfg: Config | None) -> None:
-    """Load and validate every enabled analyzer's template against its declared outputs (start-up)."""
-    from sr_templates.loader import check_all, validate_template
+def check_templates(cfg: Config | None) -> dict[str, str]:
+    """Load and validate every enabled analyzer's template against its declared outputs (start-up).
 
-    entry_points = set(available_analyzers())
-    names = analyzer_names(cfg)
-    check_all(analyzers=[n for n in names if n in entry_points and get_class(n, cfg).template_file is None])
-    for n in names:
-        cls = get_class(n, cfg)
-        if cls.template_file is not None:
-            validate_template(template_for(n, cfg), cls.outputs)
+    Returns ``{analyzer: problem}`` for analyzers that cannot be used (import error, missing or
+    wrong template); the node starts without them and their jobs fail with that message, visible
+    in ``dicomnode jobs``, until it is fixed.
+    """
+    from sr_templates.loader import check_private_codes, validate_template
+
+    problems: dict[str, str] = {}
+    templates = []
+    for n in analyzer_names(cfg):
+        try:
+            cls = get_class(n, cfg)
+            template = template_for(n, cfg)
+            validate_template(template, cls.outputs)
+            templates.append(template)
+        except Exception as exc:
+            problems[n] = f"{type(exc).__name__}: {exc}"
+    try:
+        check_private_codes(templates)
+    except Exception as exc:
+        problems["sr_templates"] = str(exc)
+    return problems

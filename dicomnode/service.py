@@ -45,7 +45,9 @@ class Node:
     def start(self) -> None:
         from .registry import check_templates
 
-        check_templates(self.cfg)
+        for name, problem in check_templates(self.cfg).items():
+            log.error("analyzer_unavailable", analyzer=name, error=problem,
+                      note="the node runs without it; its jobs fail with this error until it is fixed")
         recovered = self.store.reconcile(reindex_file)
         requeued = self.queue.recover()
         log.info("node_starting", ae_title=self.cfg.node.ae_title, port=self.cfg.node.port, data_dir=str(self.cfg.data_dir),

@@ -29,7 +29,7 @@ from analyzers.imaging import resize
 from analyzers.runtime import OnnxModel, resolve_entry
 
 from . import preprocess
-from .model import INPUT_SIZE, LABELS
+from .labels import INPUT_SIZE, LABELS
 from .postprocess import cardiothoracic_ratio, clean_masks, outline
 
 log = structlog.get_logger("dicomnode.analyzers.chest_xray_thoracic")

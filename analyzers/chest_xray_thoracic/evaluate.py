@@ -12,7 +12,7 @@ import pydicom
 from analyzers.base import AnalyzerSettings, Study
 
 from .analyzer import CLASSIFIER, SEGMENTER, SEGMENTS, ChestXrayThoracic, FINDING_KEYS
-from .model import SYNTHESISED
+from .labels import SYNTHESISED
 from .train import auroc, dice
 
 

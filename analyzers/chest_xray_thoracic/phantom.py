@@ -32,7 +32,7 @@ from scipy import ndimage
 
 from analyzers import phantoms
 
-from .model import LABELS, SYNTHESISED
+from .labels import LABELS, SYNTHESISED
 from .postprocess import cardiothoracic_ratio, outline
 
 SEGMENTS = ("right_lung", "left_lung", "heart")

@@ -21,7 +21,7 @@ from scipy import ndimage
 from analyzers import imaging
 from analyzers.base import NotApplicable
 
-from .model import IMAGENET_MEAN, IMAGENET_STD, INPUT_SIZE
+from .labels import IMAGENET_MEAN, IMAGENET_STD, INPUT_SIZE
 
 if TYPE_CHECKING:  # pragma: no cover
     import pydicom
