@@ -668,18 +668,28 @@ def send_files(host: str, port: int, called_ae: str, calling_ae: str, paths: Seq
 
 def echo(host: str, port: int, called_ae: str, calling_ae: str, timeout: float = 30,
          ssl_context: ssl.SSLContext | None = None) -> tuple[bool, str]:
-    """C-ECHO a peer on a fresh association; (ok, one-line message). Never raises."""
-    peer = f"{called_ae}@{host}:{port}"
+    """C-ECHO a peer on a fresh association; never raises.
+
+    Returns
+    -------
+    (ok, message)
+        ``message`` is "C-ECHO success in N ms", "C-ECHO status 0x....", "association failed: why"
+        or "C-ECHO failed: why" (the association was established but lost).
+    """
     t0 = time.monotonic()
     try:
-        with StoreSCU(host, port, called_ae, calling_ae, contexts=[(VERIFICATION, [IMPLICIT_VR_LE])],
-                      timeout=timeout, ssl_context=ssl_context) as scu:
-            status = scu.echo()
+        scu = StoreSCU(host, port, called_ae, calling_ae, contexts=[(VERIFICATION, [IMPLICIT_VR_LE])],
+                       timeout=timeout, ssl_context=ssl_context)
+        scu.open()
+    except (AssociationError, ValueError) as exc:
+        return False, f"association failed: {exc}"
+    try:
+        status = scu.echo()
     except AssociationError as exc:
-        return False, f"{peer}: {exc}"
-    except (ValueError, OSError) as exc:
-        return False, f"{peer}: {exc}"
+        return False, f"C-ECHO failed: {exc}"
+    finally:
+        scu.release()
     ms = (time.monotonic() - t0) * 1000
     if status == 0:
-        return True, f"{peer}: C-ECHO success in {ms:.0f} ms"
-    return False, f"{peer}: C-ECHO status 0x{status:04X}"
+        return True, f"C-ECHO success in {ms:.0f} ms"
+    return False, f"C-ECHO status 0x{status:04X}"

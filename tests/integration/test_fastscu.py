@@ -97,7 +97,7 @@ def test_storescp_receives_data_sets_byte_equal(tmp_path, storescp):
 def test_small_peer_pdu_and_echo(tmp_path, storescp):
     port, out = storescp("--max-pdu", "4096")
     ok, message = echo("127.0.0.1", port, "STORESCP", "DICOMNODE", timeout=10)
-    assert ok, message
+    assert ok and message.startswith("C-ECHO success in"), message
     files = phantoms(tmp_path / "src", 3, size=128)
     with StoreSCU("127.0.0.1", port, "STORESCP", "DICOMNODE", contexts=propose_contexts([read_file_meta(f) for f in files]),
                   timeout=10) as scu:
@@ -158,7 +158,7 @@ def test_rejected_and_unreachable_associations(tmp_path):
     kept, errors, assoc_error = send_files("127.0.0.1", free_port(), "NODE", "DICOMNODE", files, timeout=5)
     assert (kept, errors) == ([], {}) and "cannot connect" in assert_text(assoc_error)
     ok, message = echo("127.0.0.1", free_port(), "NODE", "DICOMNODE", timeout=5)
-    assert not ok and "cannot connect" in message
+    assert not ok and message.startswith("association failed: cannot connect to NODE@127.0.0.1")
 
 
 def assert_text(value: str | None) -> str:
@@ -198,7 +198,7 @@ def test_tls_to_the_nodes_own_acceptor(tmp_path):
         ok, message = echo("localhost", scp.port, "NODE", "DICOMNODE", timeout=5, ssl_context=client_ctx)
         assert ok, message
         ok, message = echo("localhost", scp.port, "NODE", "DICOMNODE", timeout=5)  # plain TCP to a TLS port
-        assert not ok
+        assert not ok and message.startswith("association failed: "), message
     finally:
         scp.stop()
 
@@ -338,6 +338,10 @@ def test_silent_peer_fails_after_the_timeout(tmp_path, scripted):
     assert all(errors[i].startswith("not sent: association lost") for i in (1, 2, 3))
     assert 1 <= elapsed < 4
     assert peer.connections == 1  # nothing was stored, so no second association is tried
+    t0 = time.monotonic()
+    ok, message = echo("127.0.0.1", peer.port, "PEER", "DICOMNODE", timeout=1)
+    assert not ok and message.startswith("C-ECHO failed: no response from PEER@127.0.0.1") and "within 1 s" in message
+    assert time.monotonic() - t0 < 3
 
 
 @pytest.mark.parametrize("behaviour, words", [
