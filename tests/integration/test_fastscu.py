@@ -412,3 +412,14 @@ def test_contexts_split_into_associations_of_at_most_128():
         assert {metas[i].sop_class_uid for i in indices} == classes
     assert propose_contexts([metas[1]]) == [("1.2.3.0", [dul.EXPLICIT_VR_LE]),
                                             ("1.2.3.0", [dul.EXPLICIT_VR_LE, dul.IMPLICIT_VR_LE])]
+
+
+def test_more_classes_than_one_association_holds_go_on_several(tmp_path, scripted):
+    peer = scripted("store")
+    pat = PhantomPatient.make(np.random.default_rng(0), "many", 0)
+    files = [save(image_dataset(np.zeros((8, 8), np.uint16), patient=pat, modality="OT",
+                                sop_class_uid=f"1.2.826.0.1.3680043.10.1137.999.{i}"), tmp_path) for i in range(65)]
+    kept, errors, assoc_error = send_files("127.0.0.1", peer.port, "PEER", "DICOMNODE", files, timeout=5)
+    assert (kept, errors, assoc_error) == (list(range(65)), {}, None)
+    assert peer.connections == 2  # 65 classes x (own syntax, fallback) = 130 contexts
+    assert sorted(peer.stored) == sorted(read_file_meta(f).sop_instance_uid for f in files)
