@@ -38,7 +38,7 @@ from analyzers.runtime import OnnxModel, resolve_entry
 
 from . import preprocess as pp
 from .geometry import LEVELS, SCOLIOSIS_COBB_DEG, level_at
-from .pipeline import Prediction, deviation_mm, predict
+from .pipeline import MaskCalibration, Prediction, deviation_mm, predict
 
 log = structlog.get_logger("dicomnode.analyzers.dxa_scoliosis")
 
@@ -46,6 +46,7 @@ WEIGHTS = Path(__file__).resolve().parent / "weights"
 PARTS = ("head", "spine", "pelvis", "pelvic_cavity", "left_leg", "right_leg")
 CURVE_CLASSES = ("0", "1", ">1")
 GROUP = "Spine"
+MAX_CURVES = 3
 
 DXA_MODALITIES = {"BMD", "DX", "CR", "OT"}
 WHOLE_BODY_PARTS = {"WHOLEBODY", "WHOLE BODY", "TOTALBODY", "TOTAL BODY", "BODY"}
@@ -179,7 +180,8 @@ class DxaScoliosis(Analyzer):
         seg_entry, cls_entry = self.entries()
         sigma = float(seg_entry.extra.get("midline_sigma_rows", 4.0))
         min_swing = float(seg_entry.extra.get("min_swing_deg", 4.0))
-        pred = predict(x, self._seg_fn, self._cls_fn, sigma, min_swing)
+        cal = MaskCalibration.from_json(seg_entry.extra.get("mask_calibration"))
+        pred = predict(x, self._seg_fn, self._cls_fn, sigma, min_swing, cal)
         result = self._result(pred, norm, inst, spacing, cls_entry)
         log.info("analyzed", series=series.series_instance_uid, sop=inst.sop_instance_uid, scoliosis=bool(pred.p_scoliosis >= 0.5), review=result.review_required)
         return result
@@ -213,7 +215,9 @@ class DxaScoliosis(Analyzer):
             step = max(1, len(geo.rows) // 60)
             cols, rows = norm.to_source(geo.cols[::step], geo.rows[::step])
             regions.append(Region("spine_midline", "polyline", np.stack([cols, rows], 1), src, group=GROUP, label="Spine midline"))
-            big = [c for c in geo.curves if c.cobb >= SCOLIOSIS_COBB_DEG] or ([geo.main] if geo.main else [])
+            # at most the three largest curves of 10 degrees or more, top to bottom; else the largest one
+            big = sorted(sorted((c for c in geo.curves if c.cobb >= SCOLIOSIS_COBB_DEG), key=lambda c: -c.cobb)[:MAX_CURVES], key=lambda c: c.upper)
+            big = big or ([geo.main] if geo.main else [])
             span = max(len(geo.rows) - 1, 1)
             for c in big:
                 level = level_at(c.apex / span)

@@ -26,7 +26,7 @@ HEAVISIDE_K = 10.0
 
 
 def heaviside(y: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-HEAVISIDE_K * (y - 0.5)))
+    return 1.0 / (1.0 + np.exp(np.clip(-HEAVISIDE_K * (y - 0.5), -60.0, 60.0)))
 
 
 def mirror(soft: np.ndarray) -> np.ndarray:
@@ -53,6 +53,67 @@ def midpoints(y: np.ndarray, window: int = 4) -> tuple[np.ndarray, np.ndarray]:
     return mid, thick
 
 
+def run_centres(y: np.ndarray) -> np.ndarray:
+    """Per part and row: centre of the run of columns with H(y) >= 0.5 around the arg-max, edges interpolated.
+
+    Wide parts (the head) have a flat plateau of logits, whose arg-max wanders;
+    the middle of the plateau's two edges is steadier there.
+    """
+    cols = y.shape[-1]
+    idx = np.arange(cols)
+    arg = np.argmax(y, axis=-1)[..., None]
+    below = y <= 0.5
+    lo = np.where(below & (idx < arg), idx, -1).max(-1) + 1
+    hi = np.where(below & (idx > arg), idx, cols).min(-1) - 1
+    lo, hi = np.minimum(lo, arg[..., 0]), np.maximum(hi, arg[..., 0])
+
+    def at(i: np.ndarray) -> np.ndarray:
+        return np.take_along_axis(y, np.clip(i, 0, cols - 1)[..., None], -1)[..., 0]
+
+    y_lo, y_lo_out = at(lo), at(lo - 1)
+    y_hi, y_hi_out = at(hi), at(hi + 1)
+    left = np.where(lo > 0, lo - np.clip((y_lo - 0.5) / np.maximum(y_lo - y_lo_out, 1e-6), 0, 1), lo - 0.5)
+    right = np.where(hi < cols - 1, hi + np.clip((y_hi - 0.5) / np.maximum(y_hi - y_hi_out, 1e-6), 0, 1), hi + 0.5)
+    return (left + right) / 2.0
+
+
+@dataclass(frozen=True)
+class MaskCalibration:
+    """How mid-point and thickness become masks, fitted on calibration phantoms (stored in the seg model.json).
+
+    run_centre: per part, take the plateau centre instead of the softmax expectation.
+    min_thickness: per part, a part is present on a row when its Heaviside thickness
+    reaches this and some column's H(y) exceeds 0.5.
+    offset: per part, pixels added to the thickness of present rows (the sigmoid's bias).
+    """
+
+    run_centre: tuple[bool, ...] = (False,) * 6
+    min_thickness: tuple[float, ...] = (1.0,) * 6
+    offset: tuple[float, ...] = (0.0,) * 6
+
+    @classmethod
+    def from_json(cls, data: dict | None) -> "MaskCalibration":
+        if not data:
+            return cls()
+        return cls(tuple(bool(v) for v in data["run_centre"]), tuple(float(v) for v in data["min_thickness"]), tuple(float(v) for v in data["offset"]))
+
+    def to_json(self) -> dict:
+        return {"run_centre": list(self.run_centre), "min_thickness": list(self.min_thickness), "offset": list(self.offset)}
+
+
+def part_maps(y0: np.ndarray, y1: np.ndarray, cal: MaskCalibration) -> tuple[np.ndarray, np.ndarray]:
+    """Mid-point and thickness per part and row from the Conv11 output of a scan (``y0``) and of its mirror seen unmirrored (``y1``)."""
+    m0, t0 = midpoints(y0)
+    m1, t1 = midpoints(y1)
+    use_run = np.asarray(cal.run_centre, bool)[:, None]
+    mid = (m0 + m1) / 2
+    if use_run.any():
+        mid = np.where(use_run, (run_centres(y0) + run_centres(y1)) / 2, mid)
+    t = (t0 + t1) / 2
+    present = (np.maximum(y0.max(-1), y1.max(-1)) > 0.5) & (t >= np.asarray(cal.min_thickness)[:, None])
+    return mid, np.where(present, np.maximum(t + np.asarray(cal.offset)[:, None], 1.0), 0.0)
+
+
 def rebuild_masks(mid: np.ndarray, thick: np.ndarray) -> np.ndarray:
     """Hard masks (parts, rows, 128) from mid-point and thickness per scan line."""
     cols = np.arange(COLS)[None, None, :]
@@ -73,7 +134,7 @@ class SpineGeometry:
 
 def spine_geometry(mid: np.ndarray, thick: np.ndarray, sigma: float, min_swing: float = 4.0, min_rows: int = 40) -> SpineGeometry | None:
     """The spine midline (longest run of rows with spine thickness) and its curves; None when too short."""
-    rows = thick >= 2.0
+    rows = thick > 0
     lab, n = ndimage.label(rows)
     if n == 0:
         return None
@@ -107,7 +168,7 @@ class Prediction:
     geometry: SpineGeometry | None
 
 
-def predict(x: np.ndarray, seg: SegFn, cls: ClsFn, sigma: float, min_swing: float = 4.0) -> Prediction:
+def predict(x: np.ndarray, seg: SegFn, cls: ClsFn, sigma: float, min_swing: float = 4.0, cal: MaskCalibration | None = None) -> Prediction:
     """Both networks on a normalised scan and its mirror image; averages as in the paper's test-time flip."""
     batch = np.stack([x, x[:, ::-1]])[:, None].astype(np.float32)
     y = seg(batch)
@@ -118,10 +179,7 @@ def predict(x: np.ndarray, seg: SegFn, cls: ClsFn, sigma: float, min_swing: floa
     ev_small = (out["evidence"][0] + out["evidence"][1][:, ::-1]) / 2
     ev = ndimage.zoom(ev_small, (ROWS / ev_small.shape[0], COLS / ev_small.shape[1]), order=1, grid_mode=True, mode="nearest")
     ev = np.clip(ev / max(float(ev.max()), 1e-6), 0, 1)
-    mid0, th0 = midpoints(y[0])
-    mid1, th1 = midpoints(mirror(y[1][None])[0])
-    mid = (mid0 + mid1) / 2
-    thick = (th0 + th1) / 2
+    mid, thick = part_maps(y[0], mirror(y[1][None])[0], cal or MaskCalibration())
     masks = rebuild_masks(mid, thick)
     geo = spine_geometry(mid[1], thick[1], sigma, min_swing)
     return Prediction(p_s, p_p, p_c, y[0], mid, thick, masks, ev.astype(np.float32), geo)

@@ -31,7 +31,7 @@ from analyzers.base import RegistryEntry, sha256_file
 
 from . import preprocess as pp
 from .phantom import PARTS, make_case
-from .pipeline import predict, rebuild_masks
+from .pipeline import MaskCalibration, midpoints, mirror, part_maps, predict, rebuild_masks, run_centres
 
 VERSION = "0.1.0"
 CURVE_INDEX = {"0": 0, "1": 1, ">1": 2}
@@ -176,15 +176,22 @@ def train_seg(data: dict[str, np.ndarray], width: int, steps: int, seed: int, ba
     return net
 
 
-def soft_masks(net, x_u8: np.ndarray, batch: int = 16) -> np.ndarray:
+def soft_masks(seg_fn, x_u8: np.ndarray, batch: int = 16) -> np.ndarray:
+    """Conv11 outputs (float16) of a segmentation callable over a uint8 image stack."""
+    out = []
+    for i in range(0, len(x_u8), batch):
+        out.append(seg_fn(x_u8[i : i + batch].astype(np.float32)[:, None] / 255.0).astype(np.float16))
+    return np.concatenate(out)
+
+
+def torch_fn(net):
     import torch
 
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(x_u8), batch):
-            x = torch.from_numpy(x_u8[i : i + batch].astype(np.float32)[:, None] / 255.0)
-            out.append(net(x).numpy().astype(np.float16))
-    return np.concatenate(out)
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return net(torch.from_numpy(x)).numpy()
+
+    return run
 
 
 def train_cls(data: dict[str, np.ndarray], soft: np.ndarray, width: int, epochs: int, seed: int, batch: int = 32):
@@ -237,14 +244,22 @@ def train_cls(data: dict[str, np.ndarray], soft: np.ndarray, width: int, epochs:
 
 
 def export(seg, cls, out: Path) -> tuple[Path, Path]:
+    """Both networks as ONNX files in ``out``; ``seg`` may be the path of an already exported one."""
+    import shutil
+
     import torch
 
     out.mkdir(parents=True, exist_ok=True)
     seg_path, cls_path = out / "dxa_seg.onnx", out / "dxa_cls.onnx"
     x = torch.zeros(2, 1, pp.ROWS, pp.COLS)
     with torch.no_grad():
-        y = seg(x)
-        torch.onnx.export(seg, (x,), str(seg_path), input_names=["image"], output_names=["conv11"], dynamic_axes={"image": {0: "batch"}, "conv11": {0: "batch"}}, opset_version=17, dynamo=False)
+        if isinstance(seg, Path):
+            if seg.resolve() != seg_path.resolve():
+                shutil.copyfile(seg, seg_path)
+            y = torch.zeros(2, len(PARTS), pp.ROWS, pp.COLS)
+        else:
+            y = seg(x)
+            torch.onnx.export(seg, (x,), str(seg_path), input_names=["image"], output_names=["conv11"], dynamic_axes={"image": {0: "batch"}, "conv11": {0: "batch"}}, opset_version=17, dynamo=False)
         torch.onnx.export(cls, (x, y), str(cls_path), input_names=["image", "soft_mask"], output_names=["p_scoliosis", "p_positioning", "p_curves", "evidence"], dynamic_axes={k: {0: "batch"} for k in ("image", "soft_mask", "p_scoliosis", "p_positioning", "p_curves", "evidence")}, opset_version=17, dynamo=False)
     return seg_path, cls_path
 
@@ -262,7 +277,7 @@ def onnx_fns(seg_path: Path, cls_path: Path):
     return seg_fn, cls_fn
 
 
-def evaluate(data: dict[str, np.ndarray], seg_fn, cls_fn, sigma: float, masks: list[np.ndarray] | None = None) -> dict[str, Any]:
+def evaluate(data: dict[str, np.ndarray], seg_fn, cls_fn, sigma: float, cal: MaskCalibration | None = None) -> dict[str, Any]:
     """Held-out figures: part IoU, accuracies, Spearman(score, Cobb), Cobb MAE."""
     from scipy.stats import spearmanr
 
@@ -270,12 +285,12 @@ def evaluate(data: dict[str, np.ndarray], seg_fn, cls_fn, sigma: float, masks: l
     p_s, p_p, p_c, cobb_est, ious = [], [], [], [], []
     for i in range(n):
         x = data["x"][i].astype(np.float32) / 255.0
-        pred = predict(x, seg_fn, cls_fn, sigma)
+        pred = predict(x, seg_fn, cls_fn, sigma, cal=cal)
         p_s.append(pred.p_scoliosis)
         p_p.append(pred.p_positioning)
         p_c.append(pred.p_curves)
         cobb_est.append(pred.geometry.cobb if pred.geometry else np.nan)
-        true = masks[i] if masks is not None else rebuild_masks(np.nan_to_num(data["mid"][i].astype(np.float32), nan=0.0), data["thick"][i].astype(np.float32))
+        true = rebuild_masks(np.nan_to_num(data["mid"][i].astype(np.float32), nan=0.0), data["thick"][i].astype(np.float32))
         inter = (pred.masks & true).sum((1, 2))
         union = (pred.masks | true).sum((1, 2))
         ious.append(np.where(union > 0, inter / np.maximum(union, 1), 1.0))
@@ -295,21 +310,69 @@ def evaluate(data: dict[str, np.ndarray], seg_fn, cls_fn, sigma: float, masks: l
     }
 
 
-def calibrate_sigma(data: dict[str, np.ndarray], seg_fn, candidates=(2.0, 3.0, 4.0, 6.0, 8.0)) -> tuple[float, dict[str, float]]:
-    """Midline smoothing (rows) that minimises the Cobb error on the calibration phantoms."""
-    from .pipeline import midpoints, mirror, spine_geometry
+def _seg_pair(seg_fn, x_u8: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    x = x_u8.astype(np.float32) / 255.0
+    y = seg_fn(np.stack([x, x[:, ::-1]])[:, None].astype(np.float32))
+    return y[0], mirror(y[1][None])[0]
 
-    mids = []
-    for i in range(len(data["x"])):
-        x = data["x"][i].astype(np.float32) / 255.0
-        y = seg_fn(np.stack([x, x[:, ::-1]])[:, None].astype(np.float32))
-        m0, t0 = midpoints(y[0])
-        m1, t1 = midpoints(mirror(y[1][None])[0])
-        mids.append(((m0[1] + m1[1]) / 2, (t0[1] + t1[1]) / 2))
+
+def calibrate_masks(data: dict[str, np.ndarray], seg_fn, taus=(1.5, 2.5, 3.5, 4.5, 5.5, 6.5, 8.0)) -> tuple[MaskCalibration, dict[str, Any]]:
+    """Per part: mid-point rule (expectation or plateau centre), thickness offset and presence threshold.
+
+    Fitted on calibration phantoms, whose seeds are neither training nor evaluation seeds.
+    """
+    pairs = [_seg_pair(seg_fn, x) for x in data["x"]]
+    n_parts = len(PARTS)
+    err_exp, err_run = np.zeros(n_parts), np.zeros(n_parts)
+    tp, tt = [[] for _ in range(n_parts)], [[] for _ in range(n_parts)]
+    for (y0, y1), mid_t, th_t in zip(pairs, data["mid"], data["thick"]):
+        m0, t0 = midpoints(y0)
+        m1, t1 = midpoints(y1)
+        r = (run_centres(y0) + run_centres(y1)) / 2
+        e = (m0 + m1) / 2
+        t = (t0 + t1) / 2
+        seen = np.maximum(y0.max(-1), y1.max(-1)) > 0.5
+        for k in range(n_parts):
+            rows = th_t[k] > 0
+            err_exp[k] += np.abs(e[k][rows] - mid_t[k][rows].astype(np.float32)).sum()
+            err_run[k] += np.abs(r[k][rows] - mid_t[k][rows].astype(np.float32)).sum()
+            both = rows & seen[k]
+            tp[k].append(t[k][both])
+            tt[k].append(th_t[k][both].astype(np.float32))
+    offset = tuple(round(float(np.median(np.concatenate(tt[k]) - np.concatenate(tp[k]))), 3) for k in range(n_parts))
+    run = tuple(bool(err_run[k] < err_exp[k]) for k in range(n_parts))
+    scores = {}
+    for tau in taus:
+        cal = MaskCalibration(run, (float(tau),) * n_parts, offset)
+        ious = []
+        for (y0, y1), mid_t, th_t in zip(pairs, data["mid"], data["thick"]):
+            mid, thick = part_maps(y0, y1, cal)
+            pm = rebuild_masks(mid, thick)
+            true = rebuild_masks(np.nan_to_num(mid_t.astype(np.float32)), th_t.astype(np.float32))
+            ious.append((pm & true).sum((1, 2)) / np.maximum((pm | true).sum((1, 2)), 1))
+        scores[str(tau)] = np.mean(ious, 0)
+    best = tuple(float(max(taus, key=lambda t: scores[str(t)][k])) for k in range(n_parts))
+    cal = MaskCalibration(run, best, offset)
+    report = {
+        "mean_abs_mid_error_expectation": (err_exp / max(len(pairs), 1)).round(2).tolist(),
+        "mean_abs_mid_error_plateau": (err_run / max(len(pairs), 1)).round(2).tolist(),
+        "iou_by_min_thickness": {k: [round(float(v), 4) for v in val] for k, val in scores.items()},
+    }
+    return cal, report
+
+
+def calibrate_sigma(data: dict[str, np.ndarray], seg_fn, cal: MaskCalibration, candidates=(2.0, 3.0, 4.0, 6.0, 8.0)) -> tuple[float, dict[str, float]]:
+    """Midline smoothing (rows) that minimises the Cobb error on the calibration phantoms."""
+    from .pipeline import spine_geometry
+
+    spines = []
+    for x in data["x"]:
+        mid, thick = part_maps(*_seg_pair(seg_fn, x), cal)
+        spines.append((mid[1], thick[1]))
     scores = {}
     for s in candidates:
         err = []
-        for (m, t), c in zip(mids, data["cobb"]):
+        for (m, t), c in zip(spines, data["cobb"]):
             g = spine_geometry(m, t, s)
             err.append(abs(g.cobb - c) if g else 45.0)
         scores[str(s)] = round(float(np.mean(err)), 3)
@@ -326,16 +389,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n-test", type=int, default=300)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--seg-width", type=int, default=8)
-    ap.add_argument("--seg-steps", type=int, default=900)
+    ap.add_argument("--seg-steps", type=int, default=800)
     ap.add_argument("--cls-width", type=int, default=16)
-    ap.add_argument("--cls-epochs", type=int, default=30)
+    ap.add_argument("--cls-epochs", type=int, default=24)
     ap.add_argument("--cache", type=Path, help="npz cache of generated training phantoms")
+    ap.add_argument("--seg-onnx", type=Path, help="reuse this exported segmentation CNN and train only the classifier")
+    ap.add_argument("--save-torch", type=Path, help="also save the torch state dicts here (for fine-tuning)")
+    ap.add_argument("--calibrate-only", action="store_true", help="keep the ONNX files in --out; redo calibration, evaluation and registry files")
     args = ap.parse_args(argv)
 
     import torch
 
     torch.set_num_threads(1)
     t0 = time.time()
+    if args.calibrate_only:
+        seg_path, cls_path = args.out / "dxa_seg.onnx", args.out / "dxa_cls.onnx"
+        n_train = json.loads((args.out / "metrics.json").read_text()).get("n_train") if (args.out / "metrics.json").exists() else None
+        finish(args, seg_path, cls_path, n_train, t0)
+        return
     if args.studies:
         train = load_studies(args.studies)
     elif args.cache and args.cache.exists():
@@ -345,33 +416,52 @@ def main(argv: list[str] | None = None) -> None:
         train = generate(args.n_train, args.seed)
         if args.cache:
             np.savez(args.cache, **train)
-    print(f"training segmentation CNN ({args.seg_steps} steps)", flush=True)
-    seg = train_seg(train, args.seg_width, args.seg_steps, args.seed)
-    soft = soft_masks(seg, train["x"])
+    if args.seg_onnx:
+        import onnxruntime as ort
+
+        print(f"reusing the segmentation CNN {args.seg_onnx}", flush=True)
+        sess = ort.InferenceSession(str(args.seg_onnx), providers=["CPUExecutionProvider"])
+        seg = args.seg_onnx
+        soft = soft_masks(lambda b: sess.run(["conv11"], {"image": b})[0], train["x"])
+    else:
+        print(f"training segmentation CNN ({args.seg_steps} steps)", flush=True)
+        seg = train_seg(train, args.seg_width, args.seg_steps, args.seed)
+        soft = soft_masks(torch_fn(seg), train["x"])
     print(f"training classification CNN ({args.cls_epochs} epochs)", flush=True)
     cls = train_cls(train, soft, args.cls_width, args.cls_epochs, args.seed)
     del soft
+    if args.save_torch:
+        args.save_torch.mkdir(parents=True, exist_ok=True)
+        torch.save(cls.state_dict(), args.save_torch / "dxa_cls.pt")
+        if not isinstance(seg, Path):
+            torch.save(seg.state_dict(), args.save_torch / "dxa_seg.pt")
     seg_path, cls_path = export(seg, cls, args.out)
-    seg_fn, cls_fn = onnx_fns(seg_path, cls_path)
+    finish(args, seg_path, cls_path, int(len(train["x"])), t0)
 
-    print("calibrating midline smoothing", flush=True)
-    cal = generate(args.n_cal, args.seed + 1000, log_every=0)
-    sigma, sigma_scores = calibrate_sigma(cal, seg_fn)
-    print(f"  sigma {sigma} ({sigma_scores})", flush=True)
+
+def finish(args: argparse.Namespace, seg_path: Path, cls_path: Path, n_train: int | None, t0: float) -> None:
+    """Calibrate on fresh phantoms, evaluate on held-out phantoms, write the registry files and metrics.json."""
+    seg_fn, cls_fn = onnx_fns(seg_path, cls_path)
+    print("calibrating mask rebuild and midline smoothing", flush=True)
+    cal_data = generate(args.n_cal, args.seed + 1000, log_every=0)
+    cal, cal_report = calibrate_masks(cal_data, seg_fn)
+    sigma, sigma_scores = calibrate_sigma(cal_data, seg_fn, cal)
+    print(f"  {cal.to_json()} sigma {sigma} ({sigma_scores})", flush=True)
     print(f"evaluating on {args.n_test} held-out phantoms (seed {args.seed + 5000})", flush=True)
     test = generate(args.n_test, args.seed + 5000, log_every=0)
-    metrics = evaluate(test, seg_fn, cls_fn, sigma)
-    metrics.update(seed_test=args.seed + 5000, seed_train=args.seed, n_train=int(len(train["x"])), sigma_calibration=sigma_scores, train_seconds=round(time.time() - t0))
+    metrics = evaluate(test, seg_fn, cls_fn, sigma, cal)
+    metrics.update(seed_test=args.seed + 5000, seed_train=args.seed, seed_calibration=args.seed + 1000, n_train=n_train, n_calibration=args.n_cal, sigma_calibration=sigma_scores, mask_calibration=cal_report, seconds=round(time.time() - t0))
     print(json.dumps(metrics, indent=2), flush=True)
 
-    common = {"phantom_trained": not bool(args.studies), "input": {"rows": pp.ROWS, "cols": pp.COLS}}
+    phantom = not bool(args.studies)
+    io = {"rows": pp.ROWS, "cols": pp.COLS}
     RegistryEntry(
-        name="dxa_scoliosis_seg", version=VERSION, file=seg_path.name, sha256=sha256_file(seg_path), phantom_trained=common["phantom_trained"],
-        extra={"input": common["input"], "parts": list(PARTS), "heaviside_k": 10.0, "width": args.seg_width, "midline_sigma_rows": sigma, "min_swing_deg": 4.0},
+        name="dxa_scoliosis_seg", version=VERSION, file=seg_path.name, sha256=sha256_file(seg_path), phantom_trained=phantom,
+        extra={"input": io, "parts": list(PARTS), "heaviside_k": 10.0, "width": args.seg_width, "midline_sigma_rows": sigma, "min_swing_deg": 4.0, "mask_calibration": cal.to_json()},
     ).save(args.out / "dxa_scoliosis_seg.json")
     RegistryEntry(
-        name="dxa_scoliosis_cls", version=VERSION, file=cls_path.name, sha256=sha256_file(cls_path), phantom_trained=common["phantom_trained"],
-        extra={"input": common["input"], "configuration": "E (raw scan + soft mask)", "width": args.cls_width, "scoliosis_threshold": 0.5, "positioning_threshold": 0.5, "review_band": [0.25, 0.75], "cobb_disagreement_deg": 3.0},
+        name="dxa_scoliosis_cls", version=VERSION, file=cls_path.name, sha256=sha256_file(cls_path), phantom_trained=phantom,
+        extra={"input": io, "configuration": "E (raw scan + soft mask)", "width": args.cls_width, "scoliosis_threshold": 0.5, "positioning_threshold": 0.5, "review_band": [0.25, 0.75], "cobb_disagreement_deg": 3.0},
     ).save(args.out / "dxa_scoliosis_cls.json")
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(f"done in {time.time() - t0:.0f} s", flush=True)

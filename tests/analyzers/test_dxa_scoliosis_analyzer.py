@@ -1,0 +1,131 @@
+"""dxa_scoliosis end to end on phantom DICOM studies: result contents, conventions, CLI objects."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from analyzers.base import AnalyzerSettings, Study
+from analyzers.dxa_scoliosis.analyzer import DxaScoliosis
+from analyzers.dxa_scoliosis.phantom import make_case, write_study
+from sr_templates.loader import load_template, validate_template
+
+REPO = Path(__file__).resolve().parents[2]
+CASES = (("bmd", "single", False), ("idxa", "straight", False), ("dx", "double", True))
+
+
+def _study(folder: Path) -> Study:
+    paths = sorted(folder.glob("*.dcm"))
+    return Study.from_datasets([pydicom.dcmread(p) for p in paths], paths)
+
+
+@pytest.fixture(scope="module")
+def analyzer():
+    a = DxaScoliosis(AnalyzerSettings(device="cpu"))
+    a.load()
+    return a
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, analyzer):
+    root = tmp_path_factory.mktemp("dxa_analyzer")
+    rng = np.random.default_rng(90_202)
+    out = []
+    for i, (style, kind, positioning) in enumerate(CASES):
+        folder = root / f"{style}_{kind}"
+        truth = write_study(folder, make_case(rng, kind=kind, positioning=positioning), rng, i, style=style)
+        study = _study(folder)
+        result = analyzer.analyze(analyzer.select(study))
+        out.append((folder, truth, result))
+    return out
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max((a | b).sum(), 1))
+
+
+def test_template_matches_outputs():
+    validate_template(load_template("dxa_scoliosis"), DxaScoliosis.outputs)
+
+
+def test_models_are_registered_phantom_weights(analyzer):
+    infos = analyzer.models()
+    assert [m.name for m in infos] == ["dxa_scoliosis_seg", "dxa_scoliosis_cls"]
+    assert all(m.phantom_trained and len(m.sha256) == 64 for m in infos)
+    analyzer.warmup()
+
+
+def test_result_follows_the_conventions(runs):
+    out = DxaScoliosis.outputs
+    for folder, truth, r in runs:
+        assert r.not_for_clinical_use
+        assert [f.key for f in r.findings] == ["scoliosis", "positioning_error", "curves"]
+        assert all(0.0 <= f.probability <= 1.0 for f in r.findings)
+        assert {m.key for m in r.measurements} <= set(out.measurements)
+        assert all(m.unit == out.measurements[m.key] for m in r.measurements)
+        assert all(m.site in out.sites for m in r.measurements if m.site)
+        groups = {x.group for x in (*r.findings, *r.measurements) if x.group}
+        assert groups <= {"Spine"} and all(any(g.group == grp for g in r.regions) for grp in groups)
+        src = pydicom.dcmread(next(p for p in folder.glob("*.dcm") if pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID == truth["wb_bone_sop_uid"]))
+        assert r.sources[0].sop_instance_uid == truth["wb_bone_sop_uid"]
+        midline = next(g for g in r.regions if g.key == "spine_midline")
+        assert midline.kind == "polyline" and len(midline.points) > 10
+        assert np.all((midline.points >= -1) & (midline.points <= [src.Columns, src.Rows]))
+        score = next(m for m in r.measurements if m.key == "scoliosis_score")
+        scol = r.findings[0]
+        assert score.value == pytest.approx(scol.probability)
+        heat = r.heatmaps[0]
+        assert scol.heatmap == heat.key and heat.finding == "scoliosis"
+        assert heat.data.shape == (src.Rows, src.Columns) and 0 <= heat.data.min() and heat.data.max() <= 1
+        seg = r.segmentations[0]
+        assert seg.segments == list(out.segments) and seg.masks.shape == (1, src.Rows, src.Columns, 6)
+        has_mm = any(m.key == "lateral_deviation" for m in r.measurements)
+        assert has_mm == (truth["has_spacing"] and any(m.key == "cobb_angle" for m in r.measurements))
+        assert any(m.key == "cobb_angle" for m in r.measurements)
+
+
+def test_findings_and_masks_match_the_phantoms(runs):
+    for folder, truth, r in runs:
+        findings = {f.key: f for f in r.findings}
+        assert findings["scoliosis"].value == truth["scoliosis"], folder.name
+        assert findings["curves"].value == truth["curves_class"], folder.name
+        masks = np.load(folder / "truth_masks.npz")["masks"]
+        pred = r.segmentations[0].masks[0]
+        assert _iou(pred[..., 1], masks[1]) >= 0.7, folder.name  # spine on the source grid
+        assert _iou(pred[..., 0], masks[0]) >= 0.8, folder.name  # head
+        cobb = max(m.value for m in r.measurements if m.key == "cobb_angle")
+        assert abs(cobb - truth["cobb_deg"]) <= 8.0, folder.name
+
+
+def test_evidence_lies_on_the_trunk_for_a_curved_spine(runs):
+    folder, truth, r = runs[0]  # the single-curve case
+    masks = np.load(folder / "truth_masks.npz")["masks"]
+    rows = np.flatnonzero(masks[1].any(1))
+    heat = r.heatmaps[0].data
+    band = heat[rows[0] : rows[-1] + 1].mean()
+    legs = heat[np.flatnonzero(masks[4].any(1))].mean()
+    assert band > legs
+
+
+def test_cli_analyze_writes_valid_objects(tmp_path, runs):
+    from tests.dicomtools import dciodvfy
+
+    folder = runs[1][0]
+    out = tmp_path / "out"
+    exe = Path(sys.executable).parent / "dicomnode"
+    proc = subprocess.run([str(exe), "analyze", "--analyzer", "dxa_scoliosis", "--out", str(out), "--json", str(folder)], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert report[0]["outcome"] == "ok"
+    files = sorted(out.glob("*.dcm"))
+    modalities = {pydicom.dcmread(f, stop_before_pixels=True).Modality for f in files}
+    assert {"SR", "SEG"} <= modalities
+    for f in files:
+        rep = dciodvfy(f)
+        assert not rep.errors, f"{f.name}: {rep.errors[:5]}"
