@@ -77,14 +77,16 @@ DCMPSCHK = "/usr/bin/dcmpschk"
 
 
 def dcmpschk(ds_or_path: pydicom.Dataset | Path | str) -> ToolReport:
-    """Check a presentation state with DCMTK; passes when it says ``Test passed``."""
+    """Check a presentation state with DCMTK: its semantic pass must run and say ``Test passed``."""
     require(DCMPSCHK)
     with tempfile.TemporaryDirectory() as tmp:
         path = _as_file(ds_or_path, Path(tmp))
-        proc = subprocess.run([DCMPSCHK, str(path)], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run([DCMPSCHK, "-v", str(path)], capture_output=True, text=True, timeout=120)
     out = proc.stdout + proc.stderr
     lines = out.splitlines()
     errors = [line for line in lines if line.startswith(("E:", "F:"))]
+    if "Semantic Check of Presentation State" not in out or "skipping pass 3" in out:
+        errors.append("dcmpschk did not check it as a presentation state")
     if "Test passed" not in out:
         errors.append("dcmpschk did not report 'Test passed'")
     return ToolReport(output=out, errors=errors, warnings=[line for line in lines if line.startswith("W:") and "Test" not in line])
