@@ -215,9 +215,11 @@ class DxaScoliosis(Analyzer):
             step = max(1, len(geo.rows) // 60)
             cols, rows = norm.to_source(geo.cols[::step], geo.rows[::step])
             regions.append(Region("spine_midline", "polyline", np.stack([cols, rows], 1), src, group=GROUP, label="Spine midline"))
-            # at most the three largest curves of 10 degrees or more, top to bottom; else the largest one
-            big = sorted(sorted((c for c in geo.curves if c.cobb >= SCOLIOSIS_COBB_DEG), key=lambda c: -c.cobb)[:MAX_CURVES], key=lambda c: c.upper)
-            big = big or ([geo.main] if geo.main else [])
+            # as many midline curves as the classifier counts (">1": up to three of 10 degrees or more), largest first, then top to bottom
+            wanted = MAX_CURVES if CURVE_CLASSES[curves_idx] == ">1" else 1
+            ranked = sorted(geo.curves, key=lambda c: -c.cobb)
+            big = [c for c in ranked if c.cobb >= SCOLIOSIS_COBB_DEG][:wanted] or ranked[:1]
+            big = sorted(big, key=lambda c: c.upper)
             span = max(len(geo.rows) - 1, 1)
             for c in big:
                 level = level_at(c.apex / span)

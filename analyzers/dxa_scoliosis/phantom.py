@@ -31,6 +31,35 @@ from .geometry import LEVEL_HEIGHTS, LEVELS, count_curves, curve_class, curves_f
 PARTS: tuple[str, ...] = ("head", "spine", "pelvis", "pelvic_cavity", "left_leg", "right_leg")
 BMD_SC = ph.SC_IMAGE
 
+def _entire_body() -> list:
+    from pydicom.dataset import Dataset
+    from pydicom.sr.codedict import codes
+
+    item = Dataset()
+    code = codes.SCT.EntireBody
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = code.value, code.scheme_designator, code.meaning
+    return [item]
+
+
+DX_ATTRIBUTES = {
+    "BodyPartExamined": "WHOLEBODY",
+    "PresentationIntentType": "FOR PRESENTATION",
+    "ImageLaterality": "U",
+    "ViewPosition": "AP",
+    "PatientOrientation": ["L", "F"],
+    "PresentationLUTShape": "IDENTITY",
+    "LossyImageCompression": "00",
+    "BurnedInAnnotation": "NO",
+    "DetectorType": "",
+    "PositionerType": "",
+    "AcquisitionContextSequence": [],
+    "PixelIntensityRelationship": "LIN",
+    "PixelIntensityRelationshipSign": 1,
+    "RescaleIntercept": 0,
+    "RescaleSlope": 1,
+    "RescaleType": "US",
+}
+
 
 @dataclass
 class Body:
@@ -459,6 +488,12 @@ def _view(rng: np.random.Generator, view: str) -> np.ndarray:
 # ---------------------------------------------------------------------------
 
 
+def _window(stored: np.ndarray) -> dict[str, Any]:
+    """A VOI window over the 0.5-99.5 percentiles, as a DX-for-presentation image carries one."""
+    lo, hi = np.percentile(stored, [0.5, 99.5])
+    return {"WindowCenter": f"{(lo + hi) / 2:.1f}", "WindowWidth": f"{max(hi - lo, 2):.1f}"}
+
+
 def _to_stored(img: np.ndarray, bits: int) -> np.ndarray:
     top = (1 << bits) - 1
     dtype = np.uint8 if bits <= 8 else np.uint16
@@ -478,12 +513,13 @@ def write_study(folder: Path, case: dict[str, Any], rng: np.random.Generator, in
         if style == "bmd":
             ds = ph.image_dataset(_to_stored(case["bone"], 12), modality="BMD", sop_class_uid=BMD_SC, **kw)
         else:
-            ds = ph.image_dataset(_to_stored(case["bone"], 12), modality="DX", sop_class_uid=ph.DX_IMAGE_PRESENTATION, attributes={"BodyPartExamined": "WHOLEBODY", "PresentationIntentType": "FOR PRESENTATION", "ImageLaterality": "U"}, **kw)
+            stored = _to_stored(case["bone"], 12)
+            ds = ph.image_dataset(stored, modality="DX", sop_class_uid=ph.DX_IMAGE_PRESENTATION, attributes={**DX_ATTRIBUTES, **_window(stored), "AnatomicRegionSequence": _entire_body()}, **kw)
         ph.save(ds, folder)
         written.append(("wb_bone", ds.SOPInstanceUID))
         bone_uid = ds.SOPInstanceUID
         if rng.random() < 0.5:  # a soft-tissue image in its own series: select must skip it
-            soft = ph.image_dataset(_to_stored(case["soft"], 12), modality=ds.Modality, sop_class_uid=ds.SOPClassUID, series_number=2, **{**kw, "series_description": "Total Body Soft Tissue"}, attributes={"BodyPartExamined": "WHOLEBODY"} if style == "dx" else None)
+            soft = ph.image_dataset(_to_stored(case["soft"], 12), modality=ds.Modality, sop_class_uid=ds.SOPClassUID, series_number=2, **{**kw, "series_description": "Total Body Soft Tissue"}, attributes={**DX_ATTRIBUTES, **_window(_to_stored(case["soft"], 12)), "AnatomicRegionSequence": _entire_body()} if style == "dx" else None)
             ph.save(soft, folder)
             written.append(("wb_soft", soft.SOPInstanceUID))
     else:
@@ -500,6 +536,7 @@ def write_study(folder: Path, case: dict[str, Any], rng: np.random.Generator, in
         rng.shuffle(order)
         bone_uid = ""
         for number, view in enumerate(order, start=1):
+            # like such exports: no BodyPartExamined, ViewPosition or spacing (not a conformant CR header)
             ds = ph.image_dataset(_to_stored(views[view], 8), patient=patient, modality="CR", series_uid=series_uid, instance_number=number, series_description="DXA Images", bits_stored=8)
             ds.Manufacturer = "GE Healthcare"
             ds.ManufacturerModelName = "Lunar iDXA"

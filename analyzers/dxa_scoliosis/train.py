@@ -323,7 +323,7 @@ def calibrate_masks(data: dict[str, np.ndarray], seg_fn, taus=(1.5, 2.5, 3.5, 4.
     """
     pairs = [_seg_pair(seg_fn, x) for x in data["x"]]
     n_parts = len(PARTS)
-    err_exp, err_run = np.zeros(n_parts), np.zeros(n_parts)
+    err_exp, err_run, n_rows = np.zeros(n_parts), np.zeros(n_parts), np.zeros(n_parts)
     tp, tt = [[] for _ in range(n_parts)], [[] for _ in range(n_parts)]
     for (y0, y1), mid_t, th_t in zip(pairs, data["mid"], data["thick"]):
         m0, t0 = midpoints(y0)
@@ -334,6 +334,7 @@ def calibrate_masks(data: dict[str, np.ndarray], seg_fn, taus=(1.5, 2.5, 3.5, 4.
         seen = np.maximum(y0.max(-1), y1.max(-1)) > 0.5
         for k in range(n_parts):
             rows = th_t[k] > 0
+            n_rows[k] += rows.sum()
             err_exp[k] += np.abs(e[k][rows] - mid_t[k][rows].astype(np.float32)).sum()
             err_run[k] += np.abs(r[k][rows] - mid_t[k][rows].astype(np.float32)).sum()
             both = rows & seen[k]
@@ -354,8 +355,8 @@ def calibrate_masks(data: dict[str, np.ndarray], seg_fn, taus=(1.5, 2.5, 3.5, 4.
     best = tuple(float(max(taus, key=lambda t: scores[str(t)][k])) for k in range(n_parts))
     cal = MaskCalibration(run, best, offset)
     report = {
-        "mean_abs_mid_error_expectation": (err_exp / max(len(pairs), 1)).round(2).tolist(),
-        "mean_abs_mid_error_plateau": (err_run / max(len(pairs), 1)).round(2).tolist(),
+        "mid_error_px_expectation": (err_exp / np.maximum(n_rows, 1)).round(3).tolist(),
+        "mid_error_px_plateau": (err_run / np.maximum(n_rows, 1)).round(3).tolist(),
         "iou_by_min_thickness": {k: [round(float(v), 4) for v in val] for k, val in scores.items()},
     }
     return cal, report

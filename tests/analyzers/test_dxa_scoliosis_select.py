@@ -113,3 +113,13 @@ def test_normalisation_keeps_the_body_and_its_aspect():
     assert norm2.sx == pytest.approx(2 * norm2.sy)
     cols, rows_ = norm.to_source(*norm.to_norm(np.array([10.0]), np.array([20.0])))
     assert cols[0] == pytest.approx(10.0) and rows_[0] == pytest.approx(20.0)
+
+
+def test_default_rules_route_every_phantom_header_style_here(studies):
+    from dicomnode.router import RuleSet, view_of_dataset
+
+    rules = RuleSet.load(Path(__file__).resolve().parents[2] / "config" / "rules.yaml")
+    for name, (folder, truth) in studies.items():
+        ds = pydicom.dcmread(next(folder.glob("*.dcm")), stop_before_pixels=True)
+        matched = [a for r in rules.match(view_of_dataset(ds, "PACS")) for a in r.analyzers]
+        assert "dxa_scoliosis" in matched, name
