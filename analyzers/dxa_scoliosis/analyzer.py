@@ -165,7 +165,7 @@ class DxaScoliosis(Analyzer):
             soft_only = any("soft-tissue" in r for r in reasons)
             if soft_only:
                 raise NotApplicable("the study's whole-body DXA images look like soft-tissue images (little bone contrast); this analyzer needs the whole-body bone image")
-            raise NotApplicable(f"no image of the study shows a whole body from head to feet ({reasons[0] if reasons else 'unreadable'}); this analyzer needs the whole-body DXA bone image")
+            raise NotApplicable(f"no image of the study shows a whole body from head to feet ({reasons[0] if reasons else 'the pixel data cannot be read'}), and this analyzer needs the whole-body DXA bone image")
         return best[0], best[1], best[2], best[3]
 
     # -- analysis -------------------------------------------------------------

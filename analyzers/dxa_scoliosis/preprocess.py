@@ -153,7 +153,7 @@ class ViewCheck:
         if self.extent < 0.55:
             return "the body covers too little of the image height for a whole-body scan"
         if self.legs < 0.5:
-            return "no pair of legs in the lower part of the image (a spine, hip or knee view?)"
+            return "no pair of legs in the lower part of the image, as in a spine, hip or knee view"
         if self.head > 0.7:
             return "no head above the shoulders at the top of the image"
         if not self.bone:
