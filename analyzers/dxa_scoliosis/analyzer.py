@@ -233,7 +233,8 @@ class DxaScoliosis(Analyzer):
                 reasons.append(f"the classifier ({'scoliosis' if scoliosis else 'no scoliosis'}) and the midline's Cobb estimate ({geo.cobb:.0f} degrees) disagree")
         masks = norm.back(pred.masks.astype(np.float32), order=1) > 0.5
         seg = Segmentation(list(PARTS), np.moveaxis(masks, 0, -1)[None], [src])
-        heat = np.clip(norm.back(pred.evidence[None], order=1)[0], 0.0, 1.0).astype(np.float32)
+        # hotspots weighted by the soft score, so a scan judged normal shows faint evidence, not its own noise at full scale
+        heat = np.clip(norm.back(pred.evidence[None], order=1)[0] * pred.p_scoliosis, 0.0, 1.0).astype(np.float32)
         return self.result(
             findings=findings,
             measurements=measurements,
