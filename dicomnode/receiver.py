@@ -15,10 +15,8 @@ import ssl
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import structlog
-from pydicom import dcmread
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset, read_file_meta_info
@@ -84,16 +82,6 @@ class _Server(ThreadedAssociationServer):
         except OSError:
             pass
         return client, address
-
-
-def set_nodelay(event: evt.Event) -> None:
-    """EVT_CONN_OPEN handler for requestors: pynetdicom leaves Nagle's algorithm on."""
-    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
-    if sock is not None:
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
 
 
 def _failure(status: int, comment: str) -> Dataset:

@@ -2,33 +2,35 @@
 
 from __future__ import annotations
 
+import ssl
 import threading
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import structlog
-from pydicom import dcmread
-from pynetdicom import AE, _config, evt
-from pynetdicom.presentation import build_context
 
+from . import fastscu
 from .config import Config, Destination
 from .outbox import Outbox
-from .receiver import set_nodelay
 
 log = structlog.get_logger("dicomnode.sender")
 
-# C-STORE statuses that mean the destination kept the object (success and the B-range warnings).
-_KEPT = {0x0000, 0xB000, 0xB007, 0xB006}
+
+def _requestor_title(cfg: Config) -> str:
+    return cfg.sender.ae_title or cfg.node.ae_title
 
 
-def requestor_ae(cfg: Config) -> AE:
-    _config.STORE_SEND_CHUNKED_DATASET = True  # send files as stored, without decoding them
-    ae = AE(ae_title=cfg.sender.ae_title or cfg.node.ae_title)
-    ae.network_timeout = cfg.node.network_timeout
-    ae.acse_timeout = cfg.node.network_timeout
-    ae.dimse_timeout = cfg.node.network_timeout
-    return ae
+def _client_tls(cfg: Config, dest: Destination) -> ssl.SSLContext | None:
+    """TLS for destinations marked tls: verify the peer against node.tls.ca, present the node's certificate."""
+    if not dest.tls:
+        return None
+    tls = cfg.node.tls
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cfg.resolve(tls.ca)) if tls.ca else None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if tls.cert and tls.key:
+        ctx.load_cert_chain(cfg.resolve(tls.cert), cfg.resolve(tls.key))
+    return ctx
 
 
 def echo(cfg: Config, name: str) -> tuple[bool, str]:
@@ -36,59 +38,15 @@ def echo(cfg: Config, name: str) -> tuple[bool, str]:
     if name not in cfg.destinations:
         return False, f"unknown destination {name!r}; configured: {', '.join(sorted(cfg.destinations)) or 'none'}"
     d = cfg.destinations[name]
-    ae = requestor_ae(cfg)
-    ae.add_requested_context("1.2.840.10008.1.1")
-    t0 = time.monotonic()
-    assoc = ae.associate(d.host, d.port, ae_title=d.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
-    if not assoc.is_established:
-        return False, f"{name} ({d.ae_title}@{d.host}:{d.port}): association failed (rejected, aborted or unreachable)"
-    status = assoc.send_c_echo()
-    assoc.release()
-    code = getattr(status, "Status", None)
-    ms = (time.monotonic() - t0) * 1000
-    if code == 0:
-        return True, f"{name} ({d.ae_title}@{d.host}:{d.port}): C-ECHO success in {ms:.0f} ms"
-    return False, f"{name} ({d.ae_title}@{d.host}:{d.port}): C-ECHO status {code!r}"
+    ok, message = fastscu.echo(d.host, d.port, d.ae_title, _requestor_title(cfg), timeout=cfg.node.network_timeout,
+                               ssl_context=_client_tls(cfg, d))
+    return ok, f"{name} ({d.ae_title}@{d.host}:{d.port}): {message}"
 
 
 def send_files(cfg: Config, dest: Destination, paths: list[Path]) -> tuple[list[int], dict[int, str], str | None]:
     """Send files over one association; returns (indices kept, {index: error}, association error)."""
-    headers = [dcmread(p, stop_before_pixels=True, force=True) for p in paths]
-    contexts: dict[tuple[str, str], None] = {}
-    for ds in headers:
-        contexts[(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))] = None
-    ae = requestor_ae(cfg)
-    by_class: dict[str, list[str]] = defaultdict(list)
-    for sop_class, ts in contexts:
-        by_class[sop_class].append(ts)
-    for sop_class, tss in list(by_class.items())[:127]:
-        syntaxes = list(dict.fromkeys([*tss, "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]))
-        ae.requested_contexts = [*ae.requested_contexts, build_context(sop_class, syntaxes)]
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, max_pdu=0,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
-    if not assoc.is_established:
-        return [], {}, f"association with {dest.ae_title}@{dest.host}:{dest.port} failed"
-    kept: list[int] = []
-    errors: dict[int, str] = {}
-    try:
-        for i, path in enumerate(paths):
-            if not assoc.is_established:
-                errors[i] = "association lost"
-                continue
-            try:
-                status = assoc.send_c_store(path)
-            except Exception as exc:  # an unreadable file or a context the peer refused
-                errors[i] = f"{type(exc).__name__}: {exc}"
-                continue
-            code = getattr(status, "Status", None)
-            if code in _KEPT:
-                kept.append(i)
-            else:
-                errors[i] = f"C-STORE status 0x{code:04X}" if isinstance(code, int) else "no response"
-    finally:
-        if assoc.is_established:
-            assoc.release()
-    return kept, errors, None
+    return fastscu.send_files(dest.host, dest.port, dest.ae_title, _requestor_title(cfg), paths,
+                              timeout=cfg.node.network_timeout, ssl_context=_client_tls(cfg, dest))
 
 
 class Sender:
