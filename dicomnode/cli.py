@@ -152,6 +152,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise CliError(f"cannot listen on {cfg.node.host}:{cfg.node.port}: {exc.strerror or exc}; "
                        "another process may hold the port (change node.port)", EXIT_FAIL) from None
+    except RuntimeError as exc:
+        raise CliError(f"cannot start: {exc}", EXIT_FAIL) from None
     return EXIT_OK
 
 

@@ -41,9 +41,21 @@ class Node:
         self._config_mtime = cfg.path.stat().st_mtime_ns
         self._next_purge = 0.0
 
+    def _lock_data_dir(self) -> None:
+        """One node per data folder: a second one would share the spool and queue with the first."""
+        import fcntl
+
+        self._lock_file = open(self.cfg.data_dir / "node.lock", "a+")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"another node is running with data folder {self.cfg.data_dir}; stop it or set "
+                               "storage.data_dir to another folder") from None
+
     def start(self) -> None:
         from .registry import check_templates
 
+        self._lock_data_dir()
         for name, problem in check_templates(self.cfg).items():
             log.error("analyzer_unavailable", analyzer=name, error=problem,
                       note="the node runs without it; its jobs fail with this error until it is fixed")
@@ -51,12 +63,12 @@ class Node:
         requeued = self.queue.recover()
         log.info("node_starting", ae_title=self.cfg.node.ae_title, port=self.cfg.node.port, data_dir=str(self.cfg.data_dir),
                  rules=len(self.rules.rules.rules), reindexed=recovered, jobs_requeued=requeued, pid=os.getpid())
+        self.receiver.start()  # first: a port already in use stops the start before anything else runs
         for w in self.workers:
             w.start()
         self.assembler.on_jobs = self._wake_workers
         self.assembler.start()
         self.sender.start()
-        self.receiver.start()
         self.store.set_status("node", {"pid": os.getpid(), "started_at": time.time(), "port": self.receiver.port,
                                        "ae_title": self.cfg.node.ae_title, "state": "running"})
         self._watch = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
@@ -172,8 +184,8 @@ class Node:
 
         signal.signal(signal.SIGTERM, _signal)
         signal.signal(signal.SIGINT, _signal)
-        self.start()
         try:
+            self.start()
             while not done.wait(0.5):
                 pass
         finally:

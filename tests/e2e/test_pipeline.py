@@ -8,6 +8,8 @@ bundled analyzers have their own end-to-end tests.
 from __future__ import annotations
 
 import json
+import os
+import sys
 import re
 import signal
 import subprocess
@@ -20,7 +22,7 @@ import pytest
 
 from analyzers.phantoms import CR_IMAGE, CT_IMAGE, PhantomPatient, image_dataset, save
 from tests.dicomtools import dciodvfy
-from tests.peers import PEER_ENV, NodeProcess, Orthanc, have_peers, storescu
+from tests.peers import PEER_ENV, REPO, NodeProcess, Orthanc, have_peers, storescu
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(not have_peers(), reason="Orthanc/DCMTK/dicom3tools not installed")]
 
@@ -192,3 +194,20 @@ def test_new_callers_are_allowed_without_a_restart(node, tmp_path):
     node.config_path.write_text("node: {port: -5}\n")  # a broken file never replaces the working one
     node.wait_for(lambda: "config_rejected" in {e.get("event") for e in node.log_events()}, 20, "config rejection")
     assert storescu(node.port, files, aet="MODALITY7").returncode == 0
+
+
+def test_a_second_node_on_the_same_port_or_data_folder_refuses_to_start(node, tmp_path):
+    import yaml
+
+    same_data = NodeProcess(tmp_path / "second", rules=PROBE_RULES, config=PROBE_CONFIG)
+    cfg = yaml.safe_load(same_data.config_path.read_text())
+    cfg["storage"]["data_dir"] = str(node.data_dir)
+    same_data.config_path.write_text(yaml.safe_dump(cfg))
+    r = subprocess.run([str(Path(sys.executable).parent / "dicomnode"), "serve", "--config", str(same_data.config_path)],
+                       capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 1 and "another node is running with data folder" in r.stderr
+
+    same_port = NodeProcess(tmp_path / "third", rules=PROBE_RULES, config=PROBE_CONFIG, port=node.port)
+    r = subprocess.run([str(Path(sys.executable).parent / "dicomnode"), "serve", "--config", str(same_port.config_path)],
+                       capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 1 and "Address already in use" in r.stderr and "Traceback" not in r.stderr
