@@ -140,12 +140,25 @@ def classify(sigma_mm: float, tau1: float, tau2: float) -> UncertaintyClass:
     return UncertaintyClass.MODERATE
 
 
-def calibrate(sigma: np.ndarray, error: np.ndarray, certain_mm: float = 1.5, moderate_mm: float = 2.0, quantile: float = 0.95, min_count: int = 20) -> tuple[float, float]:
+def calibrate(
+    sigma: np.ndarray,
+    error: np.ndarray,
+    certain_mm: float = 1.5,
+    moderate_mm: float = 2.0,
+    quantile: float = 0.95,
+    min_count: int = 20,
+    invisible_sigma: np.ndarray | None = None,
+    invisible_high: float = 0.9,
+) -> tuple[float, float]:
     """(tau1, tau2) on validation points, as the paper prescribes.
 
-    tau1 is the largest sigma_p such that points below it err at most ``certain_mm``
-    (at the ``quantile``); tau2 the largest such that points in [tau1, tau2) err at
-    most ``moderate_mm``.
+    tau1: raising the threshold from the smallest sigma_p, the last value before the
+    points below it first err more than ``certain_mm`` (at the ``quantile``); tau2
+    likewise for the points in [tau1, tau2) and ``moderate_mm``. Stopping at the first
+    crossing keeps the thresholds off the noisy tail of the validation set. With
+    ``invisible_sigma`` (points known to be hidden), tau2 (and tau1 with it) is lowered
+    where needed so that ``invisible_high`` of them are classed highly uncertain; the
+    error bounds still hold, since lower thresholds only move points up a class.
     """
     order = np.argsort(sigma)
     s, e = np.asarray(sigma)[order], np.asarray(error)[order]
@@ -153,11 +166,20 @@ def calibrate(sigma: np.ndarray, error: np.ndarray, certain_mm: float = 1.5, mod
     tau1 = float(s[0])
     for c in candidates:
         sel = e[s < c]
-        if len(sel) >= min_count and np.quantile(sel, quantile) <= certain_mm:
-            tau1 = float(c)
+        if len(sel) < min_count:
+            continue
+        if np.quantile(sel, quantile) > certain_mm:
+            break
+        tau1 = float(c)
     tau2 = tau1
     for c in candidates[candidates > tau1]:
         sel = e[(s >= tau1) & (s < c)]
-        if len(sel) >= min_count and np.quantile(sel, quantile) <= moderate_mm:
-            tau2 = float(c)
-    return tau1, max(tau2, tau1)
+        if len(sel) < min_count:
+            continue
+        if np.quantile(sel, quantile) > moderate_mm:
+            break
+        tau2 = float(c)
+    if invisible_sigma is not None and len(invisible_sigma) >= min_count:
+        tau2 = min(tau2, float(np.quantile(invisible_sigma, 1.0 - invisible_high)))
+        tau1 = min(tau1, tau2)
+    return tau1, tau2

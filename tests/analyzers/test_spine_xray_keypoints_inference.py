@@ -94,3 +94,14 @@ def test_clahe_keeps_range_and_raises_local_contrast() -> None:
     assert y.shape == x.shape and 0 <= y.min() and y.max() <= 1
     assert y.std() > 2 * x.std()
     assert np.corrcoef(x.ravel(), y.ravel())[0, 1] > 0.9
+
+
+def test_calibration_lowers_tau2_until_hidden_points_are_highly_uncertain() -> None:
+    rng = np.random.default_rng(3)
+    sigma = rng.uniform(0.1, 3.0, 4000)
+    error = np.abs(rng.normal(0, np.select([sigma < 1, sigma < 2], [0.3, 0.95], 3.0)))
+    hidden = rng.uniform(1.2, 3.0, 200)
+    plain = inference.calibrate(sigma, error)
+    tau1, tau2 = inference.calibrate(sigma, error, invisible_sigma=hidden)
+    assert tau2 < plain[1] and tau1 <= tau2
+    assert np.mean(hidden >= tau2) >= 0.9
