@@ -21,7 +21,8 @@ def evaluate_folders(folders: Sequence[Path], weights_dir: Path | None = None, a
 
     Returns Dice per structure (mean and minimum), the cardiothoracic ratio's
     absolute error (mean, 95th percentile, maximum), AUROC per synthesised label
-    and sensitivity / specificity at the operating points.
+    and sensitivity / specificity at the operating points; a synthesised label the
+    weights withhold is listed under ``not_evaluated`` with AUROC None.
     """
     if analyzer is None:
         settings = AnalyzerSettings(device="cpu")
@@ -61,7 +62,12 @@ def evaluate_folders(folders: Sequence[Path], weights_dir: Path | None = None, a
         "auroc": {},
         "at_operating_point": {},
     }
+    evaluated = set(analyzer.evaluated_labels())
+    out["not_evaluated"] = [k for k in SYNTHESISED if k not in evaluated]
     for label in SYNTHESISED:
+        if label not in evaluated:  # withheld by the weights: reported as not evaluated, nothing to score
+            out["auroc"][label] = None
+            continue
         yy, pp, cc = np.asarray(y[label]), np.asarray(p[label], float), np.asarray(called[label])
         out["auroc"][label] = round(auroc(yy, pp), 4)
         out["at_operating_point"][label] = {

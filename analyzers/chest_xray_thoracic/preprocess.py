@@ -2,8 +2,9 @@
 
 Pixels go through the shared helpers (modality LUT, VOI window, MONOCHROME1
 inversion) to a [0, 1] image with dense bright, are smoothed against aliasing,
-resized to 224 x 224 and normalised with the ImageNet mean and standard
-deviation on three identical channels, as a DenseNet trained on ChestX-ray14
+resized to 224 x 224, stretched to the 1-99 percentile range (real files
+carry windows from tight to very wide) and normalised with the ImageNet mean
+and standard deviation on three identical channels, as a DenseNet trained on ChestX-ray14
 expects. The paper resizes to 256 and centre-crops 224; here the whole image is
 resized, so the lung bases and costophrenic angles stay in view for the
 segmentation and the cardiothoracic ratio.
@@ -90,14 +91,25 @@ def check_header(ds: "pydicom.Dataset") -> None:
         raise NotApplicable("multi-frame radiograph; this analyzer needs a single frontal chest image")
 
 
+def stretch_contrast(img: np.ndarray, low: float = 1.0, high: float = 99.0) -> np.ndarray:
+    """Map the ``low``-``high`` percentile range to [0, 1]: a wide or missing VOI window then looks like a tight one."""
+    lo, hi = np.percentile(img, [low, high])
+    return np.clip((img - lo) / max(float(hi - lo), 1e-6), 0.0, 1.0).astype(np.float32)
+
+
+def normalise(small: np.ndarray) -> np.ndarray:
+    """A (..., 224, 224) [0, 1] image to three ImageNet-normalised channels (..., 3, 224, 224)."""
+    mean = np.asarray(IMAGENET_MEAN, np.float32)[:, None, None]
+    std = np.asarray(IMAGENET_STD, np.float32)[:, None, None]
+    return ((small[..., None, :, :] - mean) / std).astype(np.float32)
+
+
 def to_net_input(display: np.ndarray) -> np.ndarray:
     """(rows, columns) [0, 1] image to the (3, 224, 224) normalised network input."""
     factor = min(display.shape) / INPUT_SIZE
     img = ndimage.gaussian_filter(display, sigma=0.4 * factor) if factor > 1.5 else display
     small = imaging.resize(img.astype(np.float32), (INPUT_SIZE, INPUT_SIZE), order=1)
-    mean = np.asarray(IMAGENET_MEAN, np.float32)[:, None, None]
-    std = np.asarray(IMAGENET_STD, np.float32)[:, None, None]
-    return ((np.clip(small, 0, 1)[None] - mean) / std).astype(np.float32)
+    return normalise(stretch_contrast(np.clip(small, 0, 1)))
 
 
 def ensure_transfer_syntax(ds: "pydicom.Dataset") -> None:
