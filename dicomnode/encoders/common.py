@@ -153,10 +153,14 @@ def finish(ds: pydicom.Dataset, source: pydicom.Dataset, ctx: EncoderContext, de
     if ctx.station_name:
         ds.StationName = ctx.station_name
     if ds.SOPClassUID != COMPREHENSIVE_3D_SR:
-        for kw in ("BodyPartExamined", "Laterality"):
-            if kw in source and kw not in ds:
+        # a SEG carries laterality per frame (Frame Laterality), so its series must not repeat it
+        for kw in ("BodyPartExamined",) if ds.SOPClassUID == SEGMENTATION else ("BodyPartExamined", "Laterality"):
+            # empty values say nothing: copying them would assert a (non-)paired body part
+            if source.get(kw) and not ds.get(kw):
                 setattr(ds, kw, source[kw].value)
-    if ds.SOPClassUID in (SECONDARY_CAPTURE, GSPS) and not any(k in ds for k in ("Laterality", "BodyPartExamined", "ImageLaterality")):
+            elif kw in ds and not ds.get(kw) and kw == "BodyPartExamined":
+                del ds[kw]
+    if ds.SOPClassUID in (SECONDARY_CAPTURE, GSPS) and not any(ds.get(k) for k in ("Laterality", "BodyPartExamined", "ImageLaterality")):
         ds.Laterality = ""  # Type 2C: the body part is unknown, so whether it is paired is too
     if "PatientOrientation" not in ds and ds.SOPClassUID in (SEGMENTATION, SECONDARY_CAPTURE):
         ds.PatientOrientation = source.get("PatientOrientation", "")
