@@ -102,6 +102,21 @@ def _evaluate(analyzer: SpineXrayKeypoints, out: Path, n: int, seed: int, region
     return evaluation.score(records)
 
 
+def _check_against_record(m: dict, region: str, slack_scale: float) -> None:
+    """Targets met on the held-out set are met here; missed ones are no worse than recorded."""
+    held = json.loads((WEIGHTS / "metrics.json").read_text())[region]
+    assert m["vertebrae_found_fraction"] >= 0.95
+    for key, (op, bound) in evaluation.TARGETS.items():
+        fresh, recorded = m[key], held[key]
+        if not (np.isfinite(fresh) and np.isfinite(recorded)):
+            continue
+        met = recorded <= bound if op == "<=" else recorded >= bound
+        ref = bound if met else recorded
+        slack = SLACK[key] * slack_scale
+        ok = fresh <= ref + slack if op == "<=" else fresh >= ref - slack
+        assert ok, f"{region} {key}: fresh {fresh:.3f}, held-out {recorded:.3f}, target {op} {bound}"
+
+
 def test_bundled_weights_on_fresh_phantoms(analyzer: SpineXrayKeypoints, tmp_path: Path) -> None:
     """Fresh phantoms reproduce the held-out figures of metrics.json.
 
@@ -109,29 +124,17 @@ def test_bundled_weights_on_fresh_phantoms(analyzer: SpineXrayKeypoints, tmp_pat
     them; for targets they miss (listed in metrics.json and the model card) the fresh
     figure must not be worse than the recorded one by more than small-sample noise.
     """
-    recorded = json.loads((WEIGHTS / "metrics.json").read_text())
     for offset, region in enumerate(("cervical", "lumbar")):
         m = _evaluate(analyzer, tmp_path / region, 10, FRESH_SEED + 1 + offset, region)
-        assert m["vertebrae_found_fraction"] >= 0.95
-        for key, (op, bound) in evaluation.TARGETS.items():
-            fresh, held_out = m[key], recorded[region][key]
-            if not (np.isfinite(fresh) and np.isfinite(held_out)):
-                continue
-            met = held_out <= bound if op == "<=" else held_out >= bound
-            slack = SLACK[key]
-            if met:
-                assert (fresh <= bound + slack) if op == "<=" else (fresh >= bound - slack), f"{region} {key}: {fresh:.3f} misses the target {op} {bound}"
-            else:
-                assert (fresh <= held_out + slack) if op == "<=" else (fresh >= held_out - slack), f"{region} {key}: {fresh:.3f} is worse than the recorded {held_out:.3f}"
+        _check_against_record(m, region, 1.0)
 
 
 @pytest.mark.slow
 def test_bundled_weights_on_many_fresh_phantoms(analyzer: SpineXrayKeypoints, tmp_path: Path) -> None:
-    recorded = json.loads((WEIGHTS / "metrics.json").read_text())
     for offset, region in enumerate(("cervical", "lumbar")):
         m = _evaluate(analyzer, tmp_path / region, 80, FRESH_SEED + 10 + offset, region)
-        # the same targets the held-out set met are met here, the misses stay the same ones
-        assert sorted(k.split(" ")[0] for k in evaluation.failures(m)) == sorted(k.split(" ")[0] for k in recorded[region]["target_misses"]), region
+        print(region, json.dumps(m))
+        _check_against_record(m, region, 1.0)
 
 
 def test_a_blank_lateral_image_is_declined_after_looking(analyzer: SpineXrayKeypoints) -> None:
