@@ -13,6 +13,7 @@ import structlog
 from analyzers.base import (
     AnalysisResult,
     Analyzer,
+    AnalyzerError,
     Measurement,
     ModelInfo,
     NotApplicable,
@@ -127,6 +128,14 @@ class SpineXrayKeypoints(Analyzer):
     def _models(self, region: str) -> tuple[OnnxModel, OnnxModel, RegistryEntry]:
         if region not in self._sessions:
             det, kp = self._entries(region)
+            shape = tuple(kp.extra.get("crop_shape", preprocess.CROP_SHAPE))
+            size = int(det.extra.get("input_size", preprocess.DETECTOR_SIZE))
+            if shape != preprocess.CROP_SHAPE or size != preprocess.DETECTOR_SIZE or "tau1_mm" not in kp.extra:
+                raise AnalyzerError(
+                    f"models for the {region} spine expect crops {shape} and detector input {size}, this analyzer makes "
+                    f"{preprocess.CROP_SHAPE} and {preprocess.DETECTOR_SIZE}, and the keypoint registry must hold tau1_mm / tau2_mm; "
+                    "train them with analyzers/spine_xray_keypoints/train.py"
+                )
             self._sessions[region] = (OnnxModel(det, self.settings.device), OnnxModel(kp, self.settings.device), kp)
         return self._sessions[region]
 

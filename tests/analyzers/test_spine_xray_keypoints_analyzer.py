@@ -146,3 +146,15 @@ def test_a_blank_lateral_image_is_declined_after_looking(analyzer: SpineXrayKeyp
     study = Study.from_datasets([ds])
     with pytest.raises(NotApplicable, match="no C3-C7 vertebra"):
         analyzer.analyze(analyzer.select(study))
+
+
+def test_a_registry_for_another_crop_size_is_refused(tmp_path: Path) -> None:
+    from analyzers.base import AnalyzerError, RegistryEntry
+
+    entry = RegistryEntry.load(WEIGHTS / "spine_xray_keypoints_cervical.json")
+    entry.extra["crop_shape"] = [80, 160]
+    entry.file = str((WEIGHTS / entry.file).resolve())
+    entry.save(tmp_path / "kp.json")
+    a = SpineXrayKeypoints(AnalyzerSettings(device="cpu", model_paths={"spine_xray_keypoints_cervical": tmp_path / "kp.json"}))
+    with pytest.raises(AnalyzerError, match="expect crops"):
+        a.load()
