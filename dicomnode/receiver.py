@@ -120,9 +120,7 @@ def parse_dataset(dataset: bytes | memoryview, transfer_syntax: str) -> Dataset:
         return ds
     implicit = transfer_syntax == _IMPLICIT_LE
     little = transfer_syntax != _EXPLICIT_BE
-    fp = io.BytesIO(dataset)
-    ds = read_dataset(fp, implicit, little, stop_when=lambda tag, vr, length: tag == TAG_PIXEL_DATA)
-    pos = fp.tell()
+    ds, pos = _read_until_pixels(dataset, implicit, little)
     remaining = len(dataset) - pos
     if remaining > 0:
         head = bytes(dataset[pos:pos + 12])
@@ -144,7 +142,8 @@ def parse_dataset(dataset: bytes | memoryview, transfer_syntax: str) -> Dataset:
                 header = 8
         if length == 0xFFFFFFFF:
             # encapsulated: the fragments end with a sequence delimitation item
-            if bytes(dataset).rfind(b"\xfe\xff\xdd\xe0" if little else b"\xff\xfe\xe0\xdd", pos + header) < 0:
+            tail = dataset if isinstance(dataset, (bytes, bytearray)) else bytes(dataset)
+            if tail.rfind(b"\xfe\xff\xdd\xe0" if little else b"\xff\xfe\xe0\xdd", pos + header) < 0:
                 raise ValueError("encapsulated pixel data has no sequence delimiter: transfer cut short")
         elif remaining - header < length:
             raise ValueError(f"PixelData has {remaining - header} bytes, its header says {length}")
@@ -153,6 +152,51 @@ def parse_dataset(dataset: bytes | memoryview, transfer_syntax: str) -> Dataset:
             if need is not None and length < need:
                 raise ValueError(f"PixelData has {length} bytes, the image needs {need}")
     return ds
+
+
+_HEAD = 1 << 16
+
+
+class CutShort(ValueError):
+    """The data set ends inside an element: the transfer was cut short."""
+
+
+class _StrictReader(io.BytesIO):
+    """pydicom only warns when a value is cut off; reading part of what was asked for is an error here."""
+
+    def read(self, n: int | None = -1) -> bytes:  # type: ignore[override]
+        data = super().read(n)
+        if n is not None and n > 0 and 0 < len(data) < n:
+            raise CutShort(f"data set ends inside an element at byte {self.tell()}")
+        return data
+
+
+
+def _read_until_pixels(dataset: bytes | bytearray | memoryview, implicit: bool, little: bool) -> tuple[Dataset, int]:
+    """Parse the elements before PixelData; returns them and the offset where PixelData (or the end) starts.
+
+    Headers are small and images are not: parse a 64 KiB slice first, so a large image's pixel
+    bytes are never copied; fall back to the whole data set when the header is longer.
+    """
+    def stop(tag: int, vr: str | None, length: int) -> bool:
+        return tag == TAG_PIXEL_DATA
+
+    if len(dataset) > _HEAD:
+        head = bytes(dataset[:_HEAD])
+        fp = _StrictReader(head)
+        try:
+            ds = read_dataset(fp, implicit, little, stop_when=stop)
+            pos = fp.tell()
+            if head[pos:pos + 4] == (b"\xe0\x7f\x10\x00" if little else b"\x7f\xe0\x00\x10"):
+                return ds, pos
+        except Exception:  # the header runs past the slice: parse the whole data set below
+            pass
+    fp = _StrictReader(dataset)
+    ds = read_dataset(fp, implicit, little, stop_when=stop)
+    pos = fp.tell()
+    if pos >= len(dataset) and 0x00280010 in ds:
+        raise CutShort("an image data set without its pixel data: transfer cut short")
+    return ds, pos
 
 
 def _native_pixel_bytes(ds: Dataset) -> int | None:
