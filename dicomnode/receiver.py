@@ -15,6 +15,7 @@ import ssl
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import structlog
 from pydicom.datadict import tag_for_keyword
@@ -434,3 +435,35 @@ class Receiver:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+
+
+def receiver_process_main(config_path: str, stop: Any) -> None:
+    """An extra receiver process sharing the node's port (``node.receivers`` > 1).
+
+    It follows the configuration file for callers like the main process does, and stops with
+    the node or when the node's process is gone.
+    """
+    import os
+    import signal as _signal
+
+    from .config import ConfigError, load_config
+    from .logs import setup_logging
+
+    terminated: list[int] = []  # a signal handler must not take the shared event's lock
+    _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
+    _signal.signal(_signal.SIGTERM, lambda signum, _frame: terminated.append(signum))
+    cfg = load_config(config_path)
+    setup_logging(cfg, process=f"receiver-{os.getpid()}")
+    parent = os.getppid()
+    rx = Receiver(cfg, Store(cfg.data_dir, fsync=cfg.node.fsync), reuse_port=True)
+    rx.start()
+    mtime = cfg.path.stat().st_mtime_ns if cfg.path else None
+    while not terminated and not stop.wait(0.5) and os.getppid() == parent:
+        try:
+            now = cfg.path.stat().st_mtime_ns
+            if now != mtime:
+                mtime = now
+                rx.update_config(load_config(config_path))
+        except (OSError, ConfigError):
+            pass  # the main process logs configuration problems
+    rx.stop()

@@ -33,7 +33,10 @@ class Node:
         self.rules = RulesHolder(cfg.rules_path)
         known = set(analyzer_names(cfg))
         self.assembler = Assembler(cfg, self.store, self.queue, self.rules, analyzer_known=lambda n: n in known)
-        self.receiver = Receiver(cfg, self.store)
+        shared_port = cfg.node.receivers > 1 and cfg.node.port != 0
+        self.receiver = Receiver(cfg, self.store, reuse_port=shared_port)
+        self._extra_receivers: list = []
+        self._receivers_stop = None
         self.sender = Sender(cfg, self.outbox)
         self.workers = [WorkerProcess(cfg.path) for _ in range(cfg.analyzers.workers)]
         self._stop = threading.Event()
@@ -64,6 +67,7 @@ class Node:
         log.info("node_starting", ae_title=self.cfg.node.ae_title, port=self.cfg.node.port, data_dir=str(self.cfg.data_dir),
                  rules=len(self.rules.rules.rules), reindexed=recovered, jobs_requeued=requeued, pid=os.getpid())
         self.receiver.start()  # first: a port already in use stops the start before anything else runs
+        self._start_extra_receivers()
         for w in self.workers:
             w.start()
         self.assembler.on_jobs = self._wake_workers
@@ -74,6 +78,22 @@ class Node:
         self._watch = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
         self._watch.start()
         log.info("node_ready", port=self.receiver.port)
+
+    def _start_extra_receivers(self) -> None:
+        """Further receiver processes on the same port, so several associations use several cores."""
+        if self.cfg.node.receivers <= 1 or self.cfg.node.port == 0:
+            return
+        import multiprocessing as mp
+
+        from .receiver import receiver_process_main
+
+        ctx = mp.get_context("spawn")
+        self._receivers_stop = ctx.Event()
+        for _ in range(self.cfg.node.receivers - 1):
+            p = ctx.Process(target=receiver_process_main, args=(str(self.cfg.path), self._receivers_stop),
+                            name="dicomnode-receiver", daemon=True)
+            p.start()
+            self._extra_receivers.append(p)
 
     def _wake_workers(self) -> None:
         for w in self.workers:
@@ -166,6 +186,12 @@ class Node:
         self._stop.set()
         log.info("node_stopping")
         self.receiver.stop()
+        if self._receivers_stop is not None:
+            self._receivers_stop.set()
+            for p in self._extra_receivers:
+                p.join(15)
+                if p.is_alive():
+                    p.kill()
         self.assembler.stop()
         for w in self.workers:
             pid = w.proc.pid if w.proc else None
@@ -176,27 +202,15 @@ class Node:
         log.info("node_stopped")
 
     def serve_forever(self) -> None:
-        done = threading.Event()
+        received: list[int] = []  # set by the handler without taking any lock the main thread may hold
 
-        def _signal(signum, _frame):
-            log.info("signal", signal=signal.Signals(signum).name)
-            done.set()
-
-        signal.signal(signal.SIGTERM, _signal)
-        signal.signal(signal.SIGINT, _signal)
+        signal.signal(signal.SIGTERM, lambda signum, _frame: received.append(signum))
+        signal.signal(signal.SIGINT, lambda signum, _frame: received.append(signum))
         try:
             self.start()
-            while not done.wait(0.5):
-                pass
+            while not received:
+                time.sleep(0.2)
+            log.info("signal", signal=signal.Signals(received[0]).name)
         finally:
             self.stop()
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    return True
-
 

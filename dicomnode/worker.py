@@ -129,15 +129,16 @@ def _encode(ds) -> bytes:
 
 def worker_main(config_path: str, stop: Any, wake: Any) -> None:
     """Entry point of the worker process."""
+    terminated: list[int] = []  # a signal handler must not take the shared events' locks
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the service decides when we stop
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda signum, _frame: terminated.append(signum))
     from .logs import setup_logging
 
     cfg = load_config(config_path)
     setup_logging(cfg, process="worker")
     worker = Worker(cfg)
     log.info("worker_started")
-    while not stop.is_set():
+    while not terminated and not stop.is_set():
         try:
             busy = worker.run_one()
         except Exception as exc:  # the index was busy or broken for a moment: keep serving

@@ -211,3 +211,19 @@ def test_a_second_node_on_the_same_port_or_data_folder_refuses_to_start(node, tm
     r = subprocess.run([str(Path(sys.executable).parent / "dicomnode"), "serve", "--config", str(same_port.config_path)],
                        capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert r.returncode == 1 and "Address already in use" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_several_receiver_processes_share_the_port(tmp_path, pacs):
+    node = NodeProcess(tmp_path / "node", pacs=pacs, rules=PROBE_RULES,
+                       config={**PROBE_CONFIG, "node": {"receivers": 2}}).start()
+    try:
+        node.wait_for(lambda: sum(e.get("event") == "receiver_listening" for e in node.log_events()) == 2, 30, "two receivers")
+        files = make_study(tmp_path / "in", 40, seed=41)
+        procs = [subprocess.Popen(["/usr/bin/storescu", "-aet", "STORESCU", "-aec", "DICOMNODE", "127.0.0.1", str(node.port),
+                                   *map(str, files[i::4])], env=PEER_ENV, stderr=subprocess.PIPE) for i in range(4)]
+        assert all(p.wait(120) == 0 for p in procs)
+        studies = json.loads(node.cli("studies", "--json").stdout)
+        assert studies[0]["n_instances"] == 40
+        results_in(pacs, pydicom.dcmread(files[0]).StudyInstanceUID, 3)
+    finally:
+        assert node.stop() == 0
