@@ -84,7 +84,10 @@ def run_receivers(work: Path, workloads: dict[str, list[Path]], repeats: int) ->
     for name, files in workloads.items():
         mb = sum(f.stat().st_size for f in files) / 1e6
         for parallel in (1, 4):
-            for receiver in ("storescp", "orthanc", "dicomnode", "dicomnode (fsync off)"):
+            receivers = ["storescp", "orthanc", "dicomnode", "dicomnode (fsync off)"]
+            if parallel > 1:
+                receivers.append("dicomnode (2 receiver processes)")
+            for receiver in receivers:
                 times = []
                 for r in range(repeats):
                     sub = work / f"{receiver}-{name}-{parallel}-{r}"
@@ -95,8 +98,13 @@ def run_receivers(work: Path, workloads: dict[str, list[Path]], repeats: int) ->
                         srv = Orthanc(sub, aet="ORTHANC").start()
                         port, aec = srv.dicom_port, "ORTHANC"
                     else:
-                        srv = NodeProcess(sub, rules=[], config={"logging": {"level": "WARNING"},
-                                                                 "node": {"fsync": receiver == "dicomnode"}}).start()
+                        node_cfg = {"fsync": receiver != "dicomnode (fsync off)",
+                                    "receivers": 2 if "2 receiver" in receiver else 1}
+                        srv = NodeProcess(sub, rules=[], port=free_port(),
+                                          config={"logging": {"level": "INFO"}, "node": node_cfg}).start()
+                        if node_cfg["receivers"] > 1:
+                            srv.wait_for(lambda: sum(e.get("event") == "receiver_listening" for e in srv.log_events()) == 2,
+                                         30, "the second receiver")
                         port, aec = srv.port, "DICOMNODE"
                     try:
                         times.append(push(port, files, parallel, aec))
