@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,10 @@ SC_IMAGE = "1.2.840.10008.5.1.4.1.1.7"
 UID_PREFIX = "1.2.826.0.1.3680043.10.1137."
 
 
-def new_uid() -> str:
+def new_uid(*entropy: object) -> str:
+    """A new UID under the project's root; derived from ``entropy`` when given (reproducible phantoms)."""
+    if entropy:
+        return generate_uid(prefix=UID_PREFIX, entropy_srcs=[str(e) for e in entropy])
     return generate_uid(prefix=UID_PREFIX)
 
 
@@ -45,7 +49,11 @@ class PhantomPatient:
         age = float(age_years if age_years is not None else rng.uniform(20, 85))
         study_day = _dt.date(2026, 1, 1) + _dt.timedelta(days=int(rng.integers(0, 300)))
         birth = study_day - _dt.timedelta(days=int(age * 365.25))
+        # the study UID follows from the generator's state (without drawing from it), so a seed
+        # gives the same phantom, UIDs included, every time
+        state = hashlib.sha256(repr(rng.bit_generator.state).encode()).hexdigest()
         return cls(
+            study_uid=new_uid("study", prefix, index, state),
             patient_id=f"PH-{prefix}-{index:05d}",
             patient_name=f"PHANTOM^{prefix.upper()}{index:05d}",
             birth_date=birth.strftime("%Y%m%d"),
@@ -91,7 +99,8 @@ def image_dataset(
     ds = Dataset()
     meta = FileMetaDataset()
     ds.SOPClassUID = sop_class_uid
-    ds.SOPInstanceUID = new_uid()
+    series_uid = series_uid or new_uid("series", patient.study_uid, modality, series_number, series_description)
+    ds.SOPInstanceUID = new_uid("instance", series_uid, instance_number, hashlib.sha1(pixels.tobytes()).hexdigest())
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -115,7 +124,7 @@ def image_dataset(
     if patient.study_description:
         ds.StudyDescription = patient.study_description
     ds.Modality = modality
-    ds.SeriesInstanceUID = series_uid or new_uid()
+    ds.SeriesInstanceUID = series_uid
     ds.SeriesNumber = series_number
     ds.SeriesDate = patient.study_date
     ds.SeriesTime = patient.study_time
