@@ -100,7 +100,9 @@ def image_dataset(
     meta = FileMetaDataset()
     ds.SOPClassUID = sop_class_uid
     series_uid = series_uid or new_uid("series", patient.study_uid, modality, series_number, series_description)
-    ds.SOPInstanceUID = new_uid("instance", series_uid, instance_number, hashlib.sha1(pixels.tobytes()).hexdigest())
+    extra = repr(sorted((attributes or {}).items(), key=lambda kv: kv[0]))
+    ds.SOPInstanceUID = new_uid("instance", series_uid, sop_class_uid, instance_number, extra,
+                                hashlib.sha1(pixels.tobytes()).hexdigest())
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
