@@ -20,7 +20,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import structlog
 
@@ -29,7 +29,7 @@ from .dul import (
     ABORT_UNRECOGNIZED_PDU, APPLICATION_CONTEXT, ASSOCIATE_AC, ASSOCIATE_RJ, ASSOCIATE_RQ, C_CANCEL_RQ, C_ECHO_RQ,
     C_ECHO_RSP, C_STORE_RQ, C_STORE_RSP, CANNOT_UNDERSTAND, CONTEXT_ABSTRACT_SYNTAX_NOT_SUPPORTED, CONTEXT_ACCEPTED,
     CONTEXT_TRANSFER_SYNTAXES_NOT_SUPPORTED, IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, IMPLICIT_VR_LE,
-    NO_DATA_SET, P_DATA_TF, PDU_HEADER, PDU_TYPES, PDV_HEADER, PROCESSING_FAILURE, RELEASE_RP_PDU, RELEASE_RQ,
+    NO_DATA_SET, OUT_OF_RESOURCES, P_DATA_TF, PDU_HEADER, PDU_TYPES, PDV_HEADER, PROCESSING_FAILURE, RELEASE_RP_PDU, RELEASE_RQ,
     SUCCESS, UNRECOGNIZED_OPERATION, VERIFICATION, ProtocolError, abort_pdu, encode_command, encode_p_data, item,
     items, padded, parse_command, text, uid_text, uint, user_information,
 )
@@ -75,8 +75,11 @@ class StoreRequest:
         From the command set, (0000,0002) and (0000,1000).
     message_id : int
         (0000,0110) of the request.
-    dataset : bytearray
+    dataset : bytearray or memoryview
         The data set exactly as received: the concatenated P-DATA fragments, no file meta.
+    incoming : object, optional
+        When the data set was large enough to be written to disk while it arrived, what the
+        ``incoming`` callback returned for it (``dataset`` is then a view of that file).
     """
 
     calling_ae: str
@@ -87,7 +90,8 @@ class StoreRequest:
     affected_sop_class_uid: str
     affected_sop_instance_uid: str
     message_id: int
-    dataset: bytearray
+    dataset: Any
+    incoming: Any = None
 
     def file_meta(self) -> bytes:
         """The Part 10 header (preamble, ``DICM`` and the file meta group) for writing ``dataset`` as a file.
@@ -165,6 +169,13 @@ class FastStorageSCP:
         Called with an :class:`AssociationInfo` when an established association ends.
     accept_sop_class : callable
         Decides, per proposed abstract syntax, whether a storage context is accepted.
+    incoming : callable, optional
+        ``incoming(StoreRequest) -> file`` for a data set that reaches ``incoming_after`` bytes
+        while it is still arriving: the rest of it is written to ``file`` (``write(bytes)``)
+        instead of memory; ``file.dataset()`` gives the whole data set to ``store`` and
+        ``file.close()`` is called afterwards, whatever happened. None keeps every data set in memory.
+    incoming_after : int
+        Size in bytes at which a data set goes to ``incoming``.
     """
 
     def __init__(self, ae_title: str, host: str, port: int, *,
@@ -173,7 +184,8 @@ class FastStorageSCP:
                  max_associations: int = 16, max_pdu: int = 1 << 20, network_timeout: float = 60,
                  reuse_port: bool = False, ssl_context: ssl.SSLContext | None = None,
                  on_association: Callable[[AssociationInfo], None] | None = None,
-                 accept_sop_class: Callable[[str], bool] = lambda uid: True) -> None:
+                 accept_sop_class: Callable[[str], bool] = lambda uid: True,
+                 incoming: Callable[[StoreRequest], Any] | None = None, incoming_after: int = 1 << 20) -> None:
         if not 4096 <= max_pdu <= 0xFFFFFFFF:
             raise ValueError(f"max_pdu must be between 4096 and 4294967295 bytes, got {max_pdu}")
         if max_associations < 1:
@@ -190,6 +202,8 @@ class FastStorageSCP:
         self.ssl_context = ssl_context
         self.on_association = on_association
         self.accept_sop_class = accept_sop_class
+        self.incoming = incoming
+        self.incoming_after = incoming_after
         self._listener: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -426,7 +440,37 @@ class _Association:
     # -- DIMSE ---------------------------------------------------------------
 
     def _dimse_loop(self, neg: _Negotiated) -> str:
+        self._incoming: Any = None
+        try:
+            return self._dimse_messages(neg)
+        finally:
+            self._close_incoming()
+
+    def _close_incoming(self) -> None:
+        incoming, self._incoming = self._incoming, None
+        if incoming is not None:
+            try:
+                incoming.close()
+            except Exception as exc:
+                log.error("fastscp_incoming_close_failed", error=f"{type(exc).__name__}: {exc}")
+
+    def _open_incoming(self, neg: _Negotiated, pcid: int, fields: dict[int, bytes]) -> Any:
+        ctx = neg.contexts[pcid]
+        request = StoreRequest(
+            calling_ae=neg.calling_ae, called_ae=neg.called_ae, host=self.host, sop_class_uid=ctx.abstract_syntax,
+            transfer_syntax=ctx.transfer_syntax, affected_sop_class_uid=text(fields.get(0x0002)),
+            affected_sop_instance_uid=text(fields.get(0x1000)), message_id=uint(fields.get(0x0110), 2, 0),
+            dataset=b"")
+        try:
+            return self.scp.incoming(request)
+        except Exception as exc:  # keep receiving into memory; storing will report a real failure
+            log.error("fastscp_incoming_failed", sop_uid=request.affected_sop_instance_uid,
+                      error=f"{type(exc).__name__}: {exc}")
+            return None
+
+    def _dimse_messages(self, neg: _Negotiated) -> str:
         contexts = neg.contexts
+        incoming_after = self.scp.incoming_after if self.scp.incoming is not None else 0
         max_pdu = self.scp.max_pdu
         command = bytearray()
         fields: dict[int, bytes] | None = None  # a parsed command waiting for its data set
@@ -473,10 +517,26 @@ class _Association:
                 else:
                     if fields is None or pcid != context_id:
                         raise ProtocolError("data set fragment without its command", ABORT_UNEXPECTED_PARAMETER)
-                    dataset += fragment
+                    if self._incoming is not None:
+                        try:
+                            self._incoming.write(fragment)
+                        except OSError as exc:  # e.g. disk full: drain the rest, answer a failure status
+                            self._close_incoming()
+                            self._incoming = _Unwritable(exc)
+                    else:
+                        dataset += fragment
+                        if incoming_after and len(dataset) >= incoming_after and not mch & 2 \
+                                and uint(fields.get(0x0100), 2, -1) == C_STORE_RQ:
+                            self._incoming = self._open_incoming(neg, pcid, fields)
+                            if self._incoming is not None:
+                                self._incoming.write(dataset)
+                                dataset = bytearray()
                     if mch & 2:
                         done, fields = fields, None
-                        self._dispatch(neg, pcid, done, dataset)
+                        try:
+                            self._dispatch(neg, pcid, done, dataset)
+                        finally:
+                            self._close_incoming()
                         dataset = bytearray()
 
     def _dispatch(self, neg: _Negotiated, pcid: int, fields: dict[int, bytes], dataset: bytearray | None) -> None:
@@ -506,10 +566,20 @@ class _Association:
         if dataset is None:
             self.info.failures += 1
             return CANNOT_UNDERSTAND, "C-STORE request without a data set"
+        incoming = self._incoming
+        if incoming is not None:
+            try:
+                dataset = incoming.dataset()
+            except OSError as exc:
+                log.error("fastscp_store_failed", sop_uid=text(fields.get(0x1000)), reason="cannot write",
+                          error=f"{type(exc).__name__}: {exc}")
+                self.info.failures += 1
+                return OUT_OF_RESOURCES, "cannot write the instance"
         request = StoreRequest(
             calling_ae=neg.calling_ae, called_ae=neg.called_ae, host=self.host, sop_class_uid=ctx.abstract_syntax,
             transfer_syntax=ctx.transfer_syntax, affected_sop_class_uid=text(fields.get(0x0002)),
-            affected_sop_instance_uid=text(fields.get(0x1000)), message_id=message_id, dataset=dataset)
+            affected_sop_instance_uid=text(fields.get(0x1000)), message_id=message_id, dataset=dataset,
+            incoming=incoming)
         try:
             status, comment = self.scp.store(request)
             status, comment = int(status), str(comment or "")
@@ -525,6 +595,22 @@ class _Association:
         else:
             self.info.failures += 1
         return status, comment
+
+
+class _Unwritable:
+    """Stands in for an incoming file that failed: the rest of the data set is read and dropped."""
+
+    def __init__(self, error: OSError) -> None:
+        self.error = error
+
+    def write(self, data: Any) -> None:
+        pass
+
+    def dataset(self) -> memoryview:
+        raise self.error
+
+    def close(self) -> None:
+        pass
 
 
 _REJECT_TEXT = {

@@ -8,9 +8,7 @@ and the node carry on.
 
 from __future__ import annotations
 
-import io
 import socket
-import struct
 import ssl
 import threading
 import time
@@ -18,16 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
-from pydicom.filereader import read_dataset, read_file_meta_info
+from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification, _STORAGE_CLASSES
 from pynetdicom.transport import ThreadedAssociationServer
 
 from .config import Config
 from .fastscp import FastStorageSCP, StoreRequest, is_storage_like, part10_header
-from .store import ROUTING_KEYWORDS, InstanceRecord, Store, to_jsonable, valid_uid
+from .header import Header, header_from_dataset, read_header, text
+from .store import ROUTING_KEYWORDS, IncomingFile, InstanceRecord, Store, valid_uid
 
 log = structlog.get_logger("dicomnode.receiver")
 
@@ -92,146 +90,29 @@ def _failure(status: int, comment: str) -> Dataset:
     return ds
 
 
-TAG_SOP_CLASS, TAG_SOP_INSTANCE, TAG_STUDY, TAG_SERIES = 0x00080016, 0x00080018, 0x0020000D, 0x0020000E
-TAG_PIXEL_DATA = 0x7FE00010
-_ROUTING_TAGS = [(kw, tag_for_keyword(kw)) for kw in ROUTING_KEYWORDS]
-_IMPLICIT_LE = "1.2.840.10008.1.2"
-_EXPLICIT_BE = "1.2.840.10008.1.2.2"
-_DEFLATED = ("1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.4.95")
-
-
-def _text(ds: Dataset, tag: int) -> str:
-    elem = ds.get(tag)
-    value = getattr(elem, "value", None)
-    return str(value).strip() if value is not None else ""
-
-
-def parse_dataset(dataset: bytes | memoryview, transfer_syntax: str) -> Dataset:
-    """The data set's elements before the pixel data, and a check that nothing was cut short.
-
-    Raises on malformed or truncated data (pixel bytes are length-checked, never decoded).
-    """
-    if transfer_syntax in _DEFLATED:
-        # deflated data sets are rare: inflate and parse the whole thing
-        import zlib
-
-        raw = zlib.decompress(bytes(dataset), -zlib.MAX_WBITS)
-        ds = read_dataset(io.BytesIO(raw), False, True)
-        _ = [e for e in ds]  # converts every element: raises on damage
-        return ds
-    implicit = transfer_syntax == _IMPLICIT_LE
-    little = transfer_syntax != _EXPLICIT_BE
-    ds, pos = _read_until_pixels(dataset, implicit, little)
-    remaining = len(dataset) - pos
-    if remaining > 0:
-        head = bytes(dataset[pos:pos + 12])
-        if len(head) < 8:
-            raise ValueError("pixel data element header cut short")
-        endian = "<" if little else ">"
-        if implicit:
-            length = struct.unpack(endian + "I", head[4:8])[0]
-            header = 8
-        else:
-            vr = head[4:6]
-            if vr in (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"UT", b"SQ", b"UC", b"UR"):
-                if len(head) < 12:
-                    raise ValueError("pixel data element header cut short")
-                length = struct.unpack(endian + "I", head[8:12])[0]
-                header = 12
-            else:
-                length = struct.unpack(endian + "H", head[6:8])[0]
-                header = 8
-        if length == 0xFFFFFFFF:
-            # encapsulated: the fragments end with a sequence delimitation item
-            tail = dataset if isinstance(dataset, (bytes, bytearray)) else bytes(dataset)
-            if tail.rfind(b"\xfe\xff\xdd\xe0" if little else b"\xff\xfe\xe0\xdd", pos + header) < 0:
-                raise ValueError("encapsulated pixel data has no sequence delimiter: transfer cut short")
-        elif remaining - header < length:
-            raise ValueError(f"PixelData has {remaining - header} bytes, its header says {length}")
-        else:
-            need = _native_pixel_bytes(ds)
-            if need is not None and length < need:
-                raise ValueError(f"PixelData has {length} bytes, the image needs {need}")
-    return ds
-
-
-_HEAD = 1 << 16
-
-
-class CutShort(ValueError):
-    """The data set ends inside an element: the transfer was cut short."""
-
-
-class _StrictReader(io.BytesIO):
-    """pydicom only warns when a value is cut off; reading part of what was asked for is an error here."""
-
-    def read(self, n: int | None = -1) -> bytes:  # type: ignore[override]
-        data = super().read(n)
-        if n is not None and n > 0 and 0 < len(data) < n:
-            raise CutShort(f"data set ends inside an element at byte {self.tell()}")
-        return data
-
-
-
-def _read_until_pixels(dataset: bytes | bytearray | memoryview, implicit: bool, little: bool) -> tuple[Dataset, int]:
-    """Parse the elements before PixelData; returns them and the offset where PixelData (or the end) starts.
-
-    Headers are small and images are not: parse a 64 KiB slice first, so a large image's pixel
-    bytes are never copied; fall back to the whole data set when the header is longer.
-    """
-    def stop(tag: int, vr: str | None, length: int) -> bool:
-        return tag == TAG_PIXEL_DATA
-
-    if len(dataset) > _HEAD:
-        head = bytes(dataset[:_HEAD])
-        fp = _StrictReader(head)
-        try:
-            ds = read_dataset(fp, implicit, little, stop_when=stop)
-            pos = fp.tell()
-            if head[pos:pos + 4] == (b"\xe0\x7f\x10\x00" if little else b"\x7f\xe0\x00\x10"):
-                return ds, pos
-        except Exception:  # the header runs past the slice: parse the whole data set below
-            pass
-    fp = _StrictReader(dataset)
-    ds = read_dataset(fp, implicit, little, stop_when=stop)
-    pos = fp.tell()
-    if pos >= len(dataset) and 0x00280010 in ds:
-        raise CutShort("an image data set without its pixel data: transfer cut short")
-    return ds, pos
-
-
-def _native_pixel_bytes(ds: Dataset) -> int | None:
-    """Bytes an uncompressed image needs (Rows x Columns x frames x samples x bits), None when unknown."""
-    try:
-        rows, cols, bits = int(ds[0x00280010].value), int(ds[0x00280011].value), int(ds[0x00280100].value)
-        frames = int(ds[0x00280008].value or 1) if 0x00280008 in ds else 1
-        spp = int(ds[0x00280002].value or 1) if 0x00280002 in ds else 1
-    except (KeyError, TypeError, ValueError):
-        return None
-    return (rows * cols * frames * spp * bits + 7) // 8
-
-
-def record_from(ds: Dataset, path: Path, size: int, calling_ae: str | None = None, host: str | None = None,
-                transfer_syntax: str | None = None) -> InstanceRecord:
-    attrs = {}
-    for kw, tag in _ROUTING_TAGS:
-        elem = ds.get(tag)
-        if elem is not None and elem.value is not None and elem.value != "":
-            attrs[kw] = to_jsonable(elem.value)
-    number = _text(ds, 0x00200013)
+def record_from_header(header: Header, path: Path, size: int, calling_ae: str | None = None, host: str | None = None,
+                       transfer_syntax: str = "") -> InstanceRecord:
+    number = text(header, "InstanceNumber")
     try:
         instance_number = int(float(number)) if number else None
     except ValueError:
         instance_number = None
+    return InstanceRecord(
+        sop_uid=text(header, "SOPInstanceUID"), series_uid=text(header, "SeriesInstanceUID"),
+        study_uid=text(header, "StudyInstanceUID"), sop_class_uid=text(header, "SOPClassUID"),
+        transfer_syntax=transfer_syntax, instance_number=instance_number, path=path, size=size,
+        attributes={kw: header[kw] for kw in ROUTING_KEYWORDS if kw in header}, calling_ae=calling_ae,
+        calling_host=host, study_date=text(header, "StudyDate") or None,
+    )
+
+
+def record_from(ds: Dataset, path: Path, size: int, calling_ae: str | None = None, host: str | None = None,
+                transfer_syntax: str | None = None) -> InstanceRecord:
+    """An index record from a pydicom Dataset (files read by other means than the receiver)."""
     if transfer_syntax is None:
         meta = getattr(ds, "file_meta", None)
         transfer_syntax = str(meta.TransferSyntaxUID) if meta is not None and "TransferSyntaxUID" in meta else ""
-    return InstanceRecord(
-        sop_uid=_text(ds, TAG_SOP_INSTANCE), series_uid=_text(ds, TAG_SERIES), study_uid=_text(ds, TAG_STUDY),
-        sop_class_uid=_text(ds, TAG_SOP_CLASS), transfer_syntax=transfer_syntax, instance_number=instance_number,
-        path=path, size=size, attributes=attrs, calling_ae=calling_ae, calling_host=host,
-        study_date=_text(ds, 0x00080020) or None,
-    )
+    return record_from_header(header_from_dataset(ds), path, size, calling_ae, host, transfer_syntax)
 
 
 def reindex_file(path: Path) -> InstanceRecord | None:
@@ -241,8 +122,8 @@ def reindex_file(path: Path) -> InstanceRecord | None:
         ts = str(meta.TransferSyntaxUID)
         raw = path.read_bytes()
         start = 128 + 4 + 12 + int(meta.FileMetaInformationGroupLength)  # preamble, DICM, (0002,0000), group
-        ds = parse_dataset(memoryview(raw)[start:], ts)
-        return record_from(ds, path, len(raw), transfer_syntax=ts)
+        header = read_header(memoryview(raw)[start:], ts)
+        return record_from_header(header, path, len(raw), transfer_syntax=ts)
     except Exception as exc:  # a file cut off mid-write was never acknowledged: set it aside
         log.warning("spool_file_damaged", path=str(path), error=f"{type(exc).__name__}: {exc}", action="moved to quarantine")
         return None
@@ -279,20 +160,22 @@ class Receiver:
         return _failure(status, comment)
 
     def store_bytes(self, dataset: bytes | memoryview, transfer_syntax: str, context_class: str, affected_uid: str,
-                    calling: str, host: str) -> tuple[int, str]:
+                    calling: str, host: str, incoming: IncomingFile | None = None) -> tuple[int, str]:
         """Check, write durably and index one received data set; returns (status, error comment).
 
         ``dataset`` is the encoded data set as it arrived (no file meta). It is written after a file
         meta header of our own, unchanged, so the spool file is the instance in the syntax it came in.
+        A large data set arrives already written to ``incoming`` (that header first): the file is
+        then flushed and renamed into the spool instead of written again.
         """
         try:
-            ds = parse_dataset(dataset, transfer_syntax)
+            header = read_header(dataset, transfer_syntax)
         except Exception as exc:
             log.warning("store_rejected", reason="malformed or truncated data set", error=type(exc).__name__,
                         calling_ae=calling, sop_class=context_class)
             return ERROR_CANNOT_UNDERSTAND, "malformed or truncated data set"
         sop_uid, study_uid, series_uid, sop_class = (
-            _text(ds, tag) for tag in (TAG_SOP_INSTANCE, TAG_STUDY, TAG_SERIES, TAG_SOP_CLASS))
+            text(header, kw) for kw in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID"))
         missing = [kw for kw, v in (("SOPInstanceUID", sop_uid), ("StudyInstanceUID", study_uid),
                                     ("SeriesInstanceUID", series_uid), ("SOPClassUID", sop_class)) if not valid_uid(v)]
         if missing:
@@ -312,8 +195,11 @@ class Receiver:
         path = self.store.spool_path(study_uid, series_uid, sop_uid)
         meta = part10_header(sop_class, sop_uid, transfer_syntax, source_ae=calling)
         try:
-            size = self.store.write_durably(path, (meta, dataset))
-            self.store.index_instance(record_from(ds, path, size, calling, host, transfer_syntax))
+            if isinstance(incoming, IncomingFile) and incoming.key == (sop_class, sop_uid):
+                size = incoming.commit(path)
+            else:
+                size = self.store.write_durably(path, (meta, dataset))
+            self.store.index_instance(record_from_header(header, path, size, calling, host, transfer_syntax))
         except OSError as exc:
             log.error("store_failed", reason="cannot write", error=str(exc), sop_uid=sop_uid)
             return REFUSED_OUT_OF_RESOURCES, "cannot write the instance"
@@ -385,7 +271,14 @@ class Receiver:
 
     def _fast_store(self, req: StoreRequest) -> tuple[int, str]:
         return self.store_bytes(req.dataset, req.transfer_syntax, req.sop_class_uid, req.affected_sop_instance_uid,
-                                req.calling_ae, req.host)
+                                req.calling_ae, req.host, req.incoming)
+
+    def _fast_incoming(self, req: StoreRequest) -> IncomingFile:
+        """A file for a large data set to go to disk as it arrives, headed by the Part 10 header it will need."""
+        sop_class = req.affected_sop_class_uid or req.sop_class_uid
+        return self.store.incoming(part10_header(sop_class, req.affected_sop_instance_uid, req.transfer_syntax,
+                                                 source_ae=req.calling_ae),
+                                   key=(sop_class, req.affected_sop_instance_uid))
 
     def start(self) -> None:
         if not self.cfg.callers:
@@ -395,7 +288,7 @@ class Receiver:
                 self.cfg.node.ae_title, self.cfg.node.host, self.cfg.node.port, store=self._fast_store, allow=self.allowed,
                 max_associations=self.cfg.node.max_associations, max_pdu=self.cfg.node.max_pdu,
                 network_timeout=self.cfg.node.network_timeout, reuse_port=self.reuse_port, ssl_context=self._ssl_context(),
-                accept_sop_class=lambda uid: is_storage_like(uid))
+                accept_sop_class=lambda uid: is_storage_like(uid), incoming=self._fast_incoming)
             self._scp.start()
             log.info("receiver_listening", engine="fast", ae_title=self.cfg.node.ae_title, host=self.cfg.node.host,
                      port=self._scp.port, tls=self.cfg.node.tls.enabled, callers=len(self.cfg.callers))

@@ -12,7 +12,10 @@ All storage goes through this module so that a server database can replace SQLit
 
 from __future__ import annotations
 
+import ctypes
+import itertools
 import json
+import mmap
 import os
 import re
 import sqlite3
@@ -216,6 +219,10 @@ class Store:
                 _fsync_dir(d.parent)
         return size
 
+    def incoming(self, prefix: bytes, key: Any = None) -> "IncomingFile":
+        """A file to receive a large instance into as it arrives; see :class:`IncomingFile`."""
+        return IncomingFile(self, prefix, key)
+
     def _replace(self, path: Path, parts: list[Any]) -> int:
         tmp_name = self.tmp / f"{path.name}.{os.getpid()}.{threading.get_ident()}.part"
         fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -362,6 +369,94 @@ class Store:
         for stale in self.tmp.iterdir():
             stale.unlink(missing_ok=True)
         return added
+
+
+_WRITEBACK_STEP = 1 << 20
+_SYNC_FILE_RANGE_WRITE = 2
+_names = itertools.count()
+
+
+def _writeback_starter() -> Any:
+    """Linux ``sync_file_range(SYNC_FILE_RANGE_WRITE)``: start writing a range to the device, without waiting."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_start_writeback = _writeback_starter()
+
+
+class IncomingFile:
+    """A large instance written to disk while it is still arriving.
+
+    A multi-megabyte image would otherwise be held in memory until its last fragment and then
+    written and flushed while the sender waits; here each fragment goes to a file in ``tmp/`` as
+    it arrives and the kernel is asked to start writing it to the device at once, so receiving
+    and flushing overlap and the final fsync has little left to do. :meth:`commit` makes the
+    file durable and renames it into the spool; :meth:`close` (always called) removes a file that
+    was not committed. ``prefix`` is the Part 10 header written before the data set; ``key``
+    records what it was built from, so the receiver adopts the file only when the data set agrees.
+    """
+
+    def __init__(self, store: "Store", prefix: bytes, key: Any = None) -> None:
+        self.store = store
+        self.key = key
+        self.offset = len(prefix)
+        self.path = store.tmp / f"incoming.{os.getpid()}.{threading.get_ident()}.{next(_names)}.part"
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        self.size = 0
+        self._flushed = 0
+        self._map: mmap.mmap | None = None
+        self._view: memoryview | None = None
+        self.committed = False
+        self.write(prefix)
+
+    def write(self, data: Any) -> None:
+        self.size += _write_all(self.fd, [data])
+        if self.store.fsync and _start_writeback is not None and self.size - self._flushed >= _WRITEBACK_STEP:
+            _start_writeback(self.fd, self._flushed, self.size - self._flushed, _SYNC_FILE_RANGE_WRITE)
+            self._flushed = self.size
+
+    def dataset(self) -> memoryview:
+        """The data set received so far (after the prefix), mapped from the file."""
+        if self._view is None:
+            self._map = mmap.mmap(self.fd, self.size, prot=mmap.PROT_READ)
+            self._view = memoryview(self._map)[self.offset:]
+        return self._view
+
+    def commit(self, path: Path) -> int:
+        """Flush the file and rename it to ``path`` in the spool; returns its size."""
+        if self.store.fsync:
+            os.fsync(self.fd)
+        new_dirs = self.store._make_dirs(path.parent)
+        os.replace(self.path, path)
+        self.committed = True
+        if self.store.fsync:
+            for d in new_dirs:
+                _fsync_dir(d.parent)
+            _fsync_dir(path.parent)
+        return self.size
+
+    def close(self) -> None:
+        """Release the file; one that was not committed is removed."""
+        if self._view is not None:
+            self._view.release()
+            self._view = None
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:  # a slice of the view is still referenced; the map goes with it
+                pass
+            self._map = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if not self.committed:
+            self.path.unlink(missing_ok=True)
 
 
 def _int(v: Any) -> int | None:

@@ -107,6 +107,37 @@ def test_broken_input_gets_failure_status_and_leaves_no_file(node, tmp_path):
     assert echoscu(rx.port).returncode == 0  # still serving
 
 
+def _dataset_bytes(path: Path) -> bytes:
+    raw = path.read_bytes()
+    return raw[144 + int.from_bytes(raw[140:144], "little"):]
+
+
+def test_large_instances_are_written_while_they_arrive(node, tmp_path):
+    rx, store = node
+    opened = []
+    real_incoming = store.incoming
+    store.incoming = lambda *a, **k: opened.append(1) or real_incoming(*a, **k)
+    files = phantom_files(tmp_path / "in", 3, modality="CR", size=1100)  # 2.4 MB each, above the 1 MiB mark
+    r = storescu(rx.port, files)
+    assert r.returncode == 0, r.stderr
+    r = storescu(rx.port, files[:1])  # the same instance again replaces the stored one
+    assert r.returncode == 0, r.stderr
+    for f in files:
+        src = pydicom.dcmread(f, stop_before_pixels=True)
+        stored = store.spool / src.StudyInstanceUID / src.SeriesInstanceUID / f"{src.SOPInstanceUID}.dcm"
+        assert _dataset_bytes(stored) == _dataset_bytes(f)
+        assert pydicom.dcmread(stored).file_meta.SourceApplicationEntityTitle == "STORESCU"
+    assert store.studies()[0]["n_instances"] == 3
+    assert len(opened) == (4 if rx.cfg.node.engine == "fast" else 0)
+
+    truncated = tmp_path / "truncated.dcm"
+    data = files[0].read_bytes()
+    truncated.write_bytes(data[: len(data) - 5000])
+    status = _scu_store(rx.port, truncated, CR_IMAGE)
+    assert status.Status == 0xC000
+    assert len(spool_files(store)) == 3 and list(store.tmp.iterdir()) == []
+
+
 def test_real_world_files_are_accepted_byte_for_byte(node, realdata, tmp_path):
     rx, store = node
     picks = [
