@@ -144,6 +144,9 @@ class Store:
         self.db_path = self.data_dir / "index.sqlite"
         self.fsync = fsync
         self._local = threading.local()
+        # one writer at a time within the process: SQLite's busy handler would otherwise put
+        # concurrent writers (receiver threads) to sleep for milliseconds
+        self._write_lock = threading.RLock()
         self.db.executescript(SCHEMA)
         self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
 
@@ -166,14 +169,15 @@ class Store:
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        else:
-            db.execute("COMMIT")
+        with self._write_lock:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            else:
+                db.execute("COMMIT")
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
