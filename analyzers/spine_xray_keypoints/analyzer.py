@@ -116,27 +116,32 @@ class SpineXrayKeypoints(Analyzer):
 
     def __init__(self, settings=None) -> None:
         super().__init__(settings)
-        self._sessions: dict[str, tuple[OnnxModel, OnnxModel, RegistryEntry]] = {}
+        self._sessions: dict[str, tuple[OnnxModel, OnnxModel, OnnxModel | None, RegistryEntry]] = {}
 
     # -- models ---------------------------------------------------------------
 
-    def _entries(self, region: str) -> tuple[RegistryEntry, RegistryEntry]:
+    def _entries(self, region: str) -> tuple[RegistryEntry, RegistryEntry, RegistryEntry | None]:
         det = resolve_entry(self.settings, f"spine_xray_detector_{region}", WEIGHTS / f"spine_xray_detector_{region}.json")
         kp = resolve_entry(self.settings, f"spine_xray_keypoints_{region}", WEIGHTS / f"spine_xray_keypoints_{region}.json")
-        return det, kp
+        # the thresholds were calibrated with the body model the keypoint entry names, so it comes with them
+        body_name = kp.extra.get("body_model")
+        body = resolve_entry(self.settings, body_name, WEIGHTS / f"{body_name}.json") if body_name else None
+        return det, kp, body
 
-    def _models(self, region: str) -> tuple[OnnxModel, OnnxModel, RegistryEntry]:
+    def _models(self, region: str) -> tuple[OnnxModel, OnnxModel, OnnxModel | None, RegistryEntry]:
         if region not in self._sessions:
-            det, kp = self._entries(region)
+            det, kp, body = self._entries(region)
             shape = tuple(kp.extra.get("crop_shape", preprocess.CROP_SHAPE))
             size = int(det.extra.get("input_size", preprocess.DETECTOR_SIZE))
-            if shape != preprocess.CROP_SHAPE or size != preprocess.DETECTOR_SIZE or "tau1_mm" not in kp.extra:
+            body_shape = tuple(body.extra.get("crop_shape", preprocess.BODY_CROP_SHAPE)) if body is not None else preprocess.BODY_CROP_SHAPE
+            if shape != preprocess.CROP_SHAPE or size != preprocess.DETECTOR_SIZE or body_shape != preprocess.BODY_CROP_SHAPE or "tau1_mm" not in kp.extra:
                 raise AnalyzerError(
-                    f"models for the {region} spine expect crops {shape} and detector input {size}, this analyzer makes "
-                    f"{preprocess.CROP_SHAPE} and {preprocess.DETECTOR_SIZE}, and the keypoint registry must hold tau1_mm / tau2_mm; "
+                    f"models for the {region} spine expect crops {shape} (body crops {body_shape}) and detector input {size}, this analyzer makes "
+                    f"{preprocess.CROP_SHAPE} ({preprocess.BODY_CROP_SHAPE}) and {preprocess.DETECTOR_SIZE}, and the keypoint registry must hold tau1_mm / tau2_mm; "
                     "train them with analyzers/spine_xray_keypoints/train.py"
                 )
-            self._sessions[region] = (OnnxModel(det, self.settings.device), OnnxModel(kp, self.settings.device), kp)
+            body_model = OnnxModel(body, self.settings.device) if body is not None else None
+            self._sessions[region] = (OnnxModel(det, self.settings.device), OnnxModel(kp, self.settings.device), body_model, kp)
         return self._sessions[region]
 
     def load(self) -> None:
@@ -147,7 +152,7 @@ class SpineXrayKeypoints(Analyzer):
         out = []
         for region in LEVELS:
             try:
-                out += [e.info() for e in self._entries(region)]
+                out += [e.info() for e in self._entries(region) if e is not None]
             except ValueError as exc:
                 log.warning("model_registry_unreadable", region=region, error=str(exc))
         return out
@@ -235,18 +240,33 @@ class SpineXrayKeypoints(Analyzer):
         return result
 
     def _predict(self, img: np.ndarray, spacing: tuple[float, float], region: str, seed: int) -> tuple[list[inference.VertebraPrediction], RegistryEntry]:
-        det, kp, kp_entry = self._models(region)
+        det, kp, body, kp_entry = self._models(region)
         extra = kp_entry.extra
         samples = int(self.settings.options.get("mc_samples", extra.get("mc_samples", 16)))
 
         def det_fn(x: np.ndarray) -> np.ndarray:
             return det(image=x)["grid"]
 
-        def kp_fn(c: np.ndarray, m1: np.ndarray, m2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            out = kp(crops=c, mask1=m1, mask2=m2)
-            return out["mean"], out["logvar"]
+        def session_fn(model: OnnxModel) -> inference.KeypointFn:
+            def fn(c: np.ndarray, m1: np.ndarray, m2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                out = model(crops=c, mask1=m1, mask2=m2)
+                return out["mean"], out["logvar"]
 
-        preds = inference.predict(img, spacing, region, det_fn, kp_fn, int(extra["hidden"]), float(extra["p_drop"]), samples=samples, seed=seed)
+            return fn
+
+        preds = inference.predict(
+            img,
+            spacing,
+            region,
+            det_fn,
+            session_fn(kp),
+            int(extra["hidden"]),
+            float(extra["p_drop"]),
+            samples=samples,
+            seed=seed,
+            body_fn=session_fn(body) if body is not None else None,
+            flip=bool(extra.get("flip_test_time", False)),
+        )
         return preds, kp_entry
 
     @classmethod

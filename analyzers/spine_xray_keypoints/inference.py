@@ -37,8 +37,19 @@ class VertebraPrediction:
     sigma_epistemic_mm: np.ndarray
 
 
-def decode_detections(grid: np.ndarray, image_shape: tuple[int, int], labels: tuple[str, ...], min_score: float = 0.3) -> dict[str, tuple[np.ndarray, float]]:
-    """Best cell per vertebra label: label -> (box in source pixels, score)."""
+def decode_detections(
+    grid: np.ndarray, image_shape: tuple[int, int], labels: tuple[str, ...], min_score: float = 0.15, candidate_obj: float = 0.1, nms_iou: float = 0.4
+) -> dict[str, tuple[np.ndarray, float]]:
+    """Vertebrae in the detector's grid: label -> (box in source pixels, score).
+
+    Every cell whose objectness reaches ``candidate_obj`` proposes a box; overlapping
+    proposals are suppressed (``nms_iou``). The labels are then given to the remaining
+    boxes in their top-to-bottom order, as the spine orders them: the assignment that
+    maximises the summed score (objectness x class probability) above ``min_score``,
+    with labels increasing downwards and each label and box used at most once. A box
+    the classifier is unsure of thus still gets the label its neighbours leave for it,
+    and two labels never share one vertebra.
+    """
     g = np.asarray(grid, dtype=np.float64)[0]
     n_cls = len(labels)
     size = preprocess.DETECTOR_SIZE
@@ -48,21 +59,49 @@ def decode_detections(grid: np.ndarray, image_shape: tuple[int, int], labels: tu
     logits = g[5 : 5 + n_cls]
     cls = np.exp(logits - logits.max(0, keepdims=True))
     cls /= cls.sum(0, keepdims=True)
-    sr, sc = image_shape[0] / size, image_shape[1] / size
+    rows, cols = np.nonzero(obj >= candidate_obj)
+    if not len(rows):
+        return {}
+    cx = (cols + 1.0 / (1.0 + np.exp(-g[1, rows, cols]))) * cell_c
+    cy = (rows + 1.0 / (1.0 + np.exp(-g[2, rows, cols]))) * cell_r
+    w = np.exp(np.minimum(g[3, rows, cols], 6.0)) * cell_c
+    h = np.exp(np.minimum(g[4, rows, cols], 6.0)) * cell_r
+    boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
+    keep: list[int] = []
+    for i in np.argsort(-obj[rows, cols], kind="stable"):
+        if all(_iou(boxes[i], boxes[j]) <= nms_iou for j in keep):
+            keep.append(int(i))
+    keep.sort(key=lambda i: cy[i])
+    score = np.array([obj[rows[i], cols[i]] * cls[:, rows[i], cols[i]] for i in keep])  # (boxes, labels)
+    gain = score - min_score
+    # best monotone matching of boxes (top to bottom) to labels (in order)
+    nb = len(keep)
+    best = np.zeros((nb + 1, n_cls + 1))
+    for i in range(1, nb + 1):
+        for k in range(1, n_cls + 1):
+            best[i, k] = max(best[i - 1, k], best[i, k - 1], best[i - 1, k - 1] + gain[i - 1, k - 1])
     out: dict[str, tuple[np.ndarray, float]] = {}
-    for k, label in enumerate(labels):
-        score = obj * cls[k]
-        i, j = np.unravel_index(int(np.argmax(score)), score.shape)
-        s = float(score[i, j])
-        if s < min_score:
-            continue
-        cx = (j + 1.0 / (1.0 + math.exp(-g[1, i, j]))) * cell_c
-        cy = (i + 1.0 / (1.0 + math.exp(-g[2, i, j]))) * cell_r
-        w = math.exp(min(g[3, i, j], 6.0)) * cell_c
-        h = math.exp(min(g[4, i, j], 6.0)) * cell_r
-        box = np.array([(cx - w / 2) * sc, (cy - h / 2) * sr, (cx + w / 2) * sc, (cy + h / 2) * sr])
-        out[label] = (box, s)
-    return out
+    sr, sc = image_shape[0] / size, image_shape[1] / size
+    i, k = nb, n_cls
+    while i > 0 and k > 0:
+        if best[i, k] == best[i - 1, k]:
+            i -= 1
+        elif best[i, k] == best[i, k - 1]:
+            k -= 1
+        else:
+            b = boxes[keep[i - 1]]
+            out[labels[k - 1]] = (np.array([b[0] * sc, b[1] * sr, b[2] * sc, b[3] * sr]), float(score[i - 1, k - 1]))
+            i, k = i - 1, k - 1
+    return {label: out[label] for label in labels if label in out}
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    iw = min(a[2], b[2]) - max(a[0], b[0])
+    ih = min(a[3], b[3]) - max(a[1], b[1])
+    if iw <= 0 or ih <= 0:
+        return 0.0
+    inter = iw * ih
+    return float(inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter))
 
 
 def mc_masks(rng: np.random.Generator, samples: int, n: int, hidden: int, p_drop: float) -> tuple[np.ndarray, np.ndarray]:
@@ -72,18 +111,40 @@ def mc_masks(rng: np.random.Generator, samples: int, n: int, hidden: int, p_drop
     return m1, m2
 
 
-def regress(img: np.ndarray, boxes: list[np.ndarray], spacing: tuple[float, float], keypoint_fn: KeypointFn, masks: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]:
+def regress(
+    img: np.ndarray,
+    boxes: list[np.ndarray],
+    spacing: tuple[float, float],
+    keypoint_fn: KeypointFn,
+    masks: tuple[np.ndarray, np.ndarray],
+    shape: tuple[int, int] = preprocess.CROP_SHAPE,
+    pad: float = preprocess.CROP_PAD,
+    flip: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]:
     """One batched MC pass over the crops of ``boxes``.
+
+    With ``flip`` every crop is also run mirrored (the keypoint order is anatomical,
+    so only x mirrors back) and the mirrored samples join the MC samples: their mean
+    enters the points, their spread the epistemic sigma. ``masks`` must then cover
+    twice the crops.
 
     Returns points (N, 5, 2) in pixels, aleatoric and epistemic sigma_p (N, 5) in mm,
     and the crop boxes used.
     """
-    cboxes = [preprocess.crop_box(b) for b in boxes]
-    crops = np.stack([preprocess.standardise(preprocess.crop(img, b))[None] for b in cboxes])
+    cboxes = [preprocess.crop_box(b, pad=pad, aspect=shape[0] / shape[1]) for b in boxes]
+    crops = np.stack([preprocess.standardise(preprocess.crop(img, b, shape))[None] for b in cboxes])
     n = len(cboxes)
-    mean, logvar = keypoint_fn(crops, masks[0][:, :n], masks[1][:, :n])
-    mean = np.asarray(mean, np.float64).reshape(mean.shape[0], n, N_POINTS_PER_VERTEBRA, 2)
-    var_a = np.exp(np.clip(np.asarray(logvar, np.float64), -30, 10)).reshape(mean.shape).mean(0)
+    if flip:
+        crops = np.concatenate([crops, crops[..., ::-1]])
+    k = len(crops)
+    mean, logvar = keypoint_fn(np.ascontiguousarray(crops), masks[0][:, :k], masks[1][:, :k])
+    mean = np.asarray(mean, np.float64).reshape(mean.shape[0], k, N_POINTS_PER_VERTEBRA, 2)
+    logvar = np.asarray(logvar, np.float64).reshape(mean.shape)
+    if flip:
+        mean[:, n:, :, 0] = 1.0 - mean[:, n:, :, 0]
+        mean = np.concatenate([mean[:, :n], mean[:, n:]])
+        logvar = np.concatenate([logvar[:, :n], logvar[:, n:]])
+    var_a = np.exp(np.clip(logvar, -30, 10)).mean(0)
     var_e = mean.var(0)
     frac = mean.mean(0)
     size = np.array([[b[2] - b[0], b[3] - b[1]] for b in cboxes])[:, None, :]
@@ -106,11 +167,17 @@ def predict(
     samples: int = 16,
     seed: int = 0,
     refine: bool = True,
+    body_fn: KeypointFn | None = None,
+    flip: bool = False,
 ) -> list[VertebraPrediction]:
     """Vertebrae of ``region`` found in ``img`` with keypoints and sigma_p, top to bottom.
 
     With ``refine`` the crops are re-centred once on the first pass's keypoints
-    (the detector box is coarse at the detector's resolution).
+    (the detector box is coarse at the detector's resolution). With ``body_fn`` (a
+    keypoint model trained on vertebral-body crops) the four body corners and their
+    sigma come from a last pass on a crop around the corners alone, at a finer
+    scale than the crop that also spans the spinous process. ``flip`` adds the
+    mirrored crop to every pass (test-time augmentation).
     """
     labels = LEVELS[region]
     found = decode_detections(detector_fn(preprocess.detector_input(img)), img.shape, labels)
@@ -119,11 +186,16 @@ def predict(
     names = [k for k in labels if k in found]
     boxes = [found[k][0] for k in names]
     rng = np.random.default_rng(seed)
-    masks = mc_masks(rng, samples, len(names), hidden, p_drop)
-    points, sig_a, sig_e, _ = regress(img, boxes, spacing, keypoint_fn, masks)
+    masks = mc_masks(rng, samples, (2 if flip else 1) * len(names), hidden, p_drop)
+    points, sig_a, sig_e, _ = regress(img, boxes, spacing, keypoint_fn, masks, flip=flip)
     if refine:
         boxes2 = [preprocess.tight_box(p) for p in points]
-        points, sig_a, sig_e, _ = regress(img, boxes2, spacing, keypoint_fn, masks)
+        points, sig_a, sig_e, _ = regress(img, boxes2, spacing, keypoint_fn, masks, flip=flip)
+    if body_fn is not None:
+        boxes3 = [preprocess.body_box(p) for p in points]
+        bp, ba, be, _ = regress(img, boxes3, spacing, body_fn, masks, preprocess.BODY_CROP_SHAPE, preprocess.BODY_CROP_PAD, flip=flip)
+        points, sig_a, sig_e = points.copy(), sig_a.copy(), sig_e.copy()
+        points[:, :4], sig_a[:, :4], sig_e[:, :4] = bp[:, :4], ba[:, :4], be[:, :4]
     out = []
     for i, k in enumerate(names):
         total = np.sqrt(sig_a[i] ** 2 + sig_e[i] ** 2)

@@ -17,6 +17,10 @@ CROP_SHAPE = (64, 128)
 """(rows, columns) of a vertebra crop; the crop box is widened to this aspect."""
 CROP_PAD = 0.12
 """Padding on each side of a vertebra box at inference, as a fraction of its size."""
+BODY_CROP_SHAPE = (96, 128)
+"""(rows, columns) of a vertebral-body crop (four corners, no spinous process): finer mm per pixel."""
+BODY_CROP_PAD = 0.15
+"""Padding on each side of the body-corner box at inference."""
 
 
 def load_image(ds: "pydicom.Dataset") -> tuple[np.ndarray, tuple[float, float]]:
@@ -44,6 +48,11 @@ def detector_input(img: np.ndarray) -> np.ndarray:
 def tight_box(points: np.ndarray) -> np.ndarray:
     """(c0, r0, c1, r1) around keypoints (N, 2)."""
     return np.array([points[:, 0].min(), points[:, 1].min(), points[:, 0].max(), points[:, 1].max()], dtype=np.float64)
+
+
+def body_box(points: np.ndarray) -> np.ndarray:
+    """(c0, r0, c1, r1) around the four body corners of a vertebra's (5, 2) keypoints."""
+    return tight_box(np.asarray(points)[:4])
 
 
 def crop_box(box: np.ndarray, pad: float = CROP_PAD, aspect: float = CROP_SHAPE[0] / CROP_SHAPE[1]) -> np.ndarray:

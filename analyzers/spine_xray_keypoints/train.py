@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import multiprocessing as mp
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -73,7 +74,7 @@ def _samples_from(img: np.ndarray, points: dict[str, np.ndarray], visible: dict[
     size = preprocess.DETECTOR_SIZE
     det = preprocess.detector_input(img)[0, 0].astype(np.float16)
     sr, sc = size / img.shape[0], size / img.shape[1]
-    boxes, crops, targets, vis = [], [], [], []
+    boxes, crops, targets, vis, body_crops, body_targets = [], [], [], [], [], []
     for k, label in enumerate(LEVELS[region]):
         if label not in points:
             continue
@@ -97,12 +98,28 @@ def _samples_from(img: np.ndarray, points: dict[str, np.ndarray], visible: dict[
             crops.append(preprocess.standardise(c).astype(np.float16))
             targets.append(preprocess.to_crop(p, cb).astype(np.float32).reshape(-1))
             vis.append(np.asarray(visible[label], bool))
+        bb = preprocess.body_box(p)
+        bw, bh = bb[2] - bb[0], bb[3] - bb[1]
+        bcx, bcy = (bb[0] + bb[2]) / 2, (bb[1] + bb[3]) / 2
+        for _ in range(k_crops):
+            # the body box comes from the wide crop's corners: smaller error than the detector's, then random padding
+            ccx, ccy = bcx + rng.normal(0, 0.05) * bw, bcy + rng.normal(0, 0.06) * bh
+            sw, sh = rng.uniform(0.92, 1.1), rng.uniform(0.9, 1.12)
+            box = np.array([ccx - sw * bw / 2, ccy - sh * bh / 2, ccx + sw * bw / 2, ccy + sh * bh / 2])
+            cb = preprocess.crop_box(box, pad=rng.uniform(0.08, 0.24), aspect=preprocess.BODY_CROP_SHAPE[0] / preprocess.BODY_CROP_SHAPE[1])
+            c = preprocess.crop(img, cb, preprocess.BODY_CROP_SHAPE)
+            if rng.random() < 0.3:
+                c = preprocess.clahe(c, clip=rng.uniform(1.5, 4.0))
+            body_crops.append(preprocess.standardise(c).astype(np.float16))
+            body_targets.append(preprocess.to_crop(p, cb).astype(np.float32).reshape(-1))
     return {
         "det": det,
         "boxes": np.array(boxes, np.float32).reshape(-1, 5),
         "crops": np.array(crops, np.float16).reshape(-1, *preprocess.CROP_SHAPE),
         "targets": np.array(targets, np.float32).reshape(-1, 10),
         "visible": np.array(vis, bool).reshape(-1, 5),
+        "body_crops": np.array(body_crops, np.float16).reshape(-1, *preprocess.BODY_CROP_SHAPE),
+        "body_targets": np.array(body_targets, np.float32).reshape(-1, 10),
     }
 
 
@@ -120,11 +137,12 @@ def _load_annotated(folder: Path) -> tuple[str, np.ndarray, tuple[float, float],
 def generate(region: str, n: int, split: int, workers: int, data_dir: Path | None = None, cache: Path | None = None) -> dict[str, Any]:
     """Training samples for ``region``: detector images with boxes, and augmented vertebra crops."""
     t0 = time.time()
-    cached = cache / f"{region}_{split}_{n}.npz" if cache is not None and data_dir is None else None
+    cached = cache / f"{region}_{split}_{n}_body.npz" if cache is not None and data_dir is None else None
+    keys = ("det", "crops", "targets", "visible", "body_crops", "body_targets")
     if cached is not None and cached.is_file():
         z = np.load(cached, allow_pickle=True)
         _log("data from cache", path=str(cached))
-        return {"det": z["det"], "boxes": list(z["boxes"]), "crops": z["crops"], "targets": z["targets"], "visible": z["visible"]}
+        return {"boxes": list(z["boxes"]), **{k: z[k] for k in keys}}
     if data_dir is not None:
         items = []
         for i, folder in enumerate(sorted(p for p in Path(data_dir).iterdir() if (p / "truth.json").is_file())):
@@ -144,13 +162,15 @@ def generate(region: str, n: int, split: int, workers: int, data_dir: Path | Non
         "crops": np.concatenate([it["crops"] for it in items]),
         "targets": np.concatenate([it["targets"] for it in items]),
         "visible": np.concatenate([it["visible"] for it in items]),
+        "body_crops": np.concatenate([it["body_crops"] for it in items]),
+        "body_targets": np.concatenate([it["body_targets"] for it in items]),
     }
     _log("data", region=region, images=len(items), crops=len(out["crops"]), seconds=round(time.time() - t0, 1))
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
         boxes = np.empty(len(out["boxes"]), dtype=object)
         boxes[:] = out["boxes"]
-        np.savez(cached, det=out["det"], boxes=boxes, crops=out["crops"], targets=out["targets"], visible=out["visible"])
+        np.savez(cached, boxes=boxes, **{k: out[k] for k in keys})
     return out
 
 
@@ -220,7 +240,17 @@ def train_detector(data: dict[str, Any], n_cls: int, epochs: int, device: str, i
     return net.eval()
 
 
-def train_keypoints(data: dict[str, Any], epochs: int, device: str, width: int, hidden: int, init: BayeCBAMKeypointNet | None = None, seed: int = 0, lr: float = 1.5e-3) -> BayeCBAMKeypointNet:
+def train_keypoints(
+    data: dict[str, Any],
+    epochs: int,
+    device: str,
+    width: int,
+    hidden: int,
+    init: BayeCBAMKeypointNet | None = None,
+    seed: int = 0,
+    lr: float = 1.5e-3,
+    warm: int | None = None,
+) -> BayeCBAMKeypointNet:
     torch.manual_seed(seed)
     net = BayeCBAMKeypointNet(width=width, hidden=hidden).to(device)
     if init is not None:
@@ -233,7 +263,8 @@ def train_keypoints(data: dict[str, Any], epochs: int, device: str, width: int, 
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     # the mean head learns with MSE first; the aleatoric loss then adds the variance head
-    warm = max(1, epochs // 5) if init is None else 0
+    if warm is None:
+        warm = max(1, epochs // 5) if init is None else 0
     xsign = torch.tensor([-1.0, 1.0] * 5, device=device)
     xoff = torch.tensor([1.0, 0.0] * 5, device=device)
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -274,10 +305,10 @@ def export_detector(net: VertebraDetector, path: Path) -> None:
     torch.onnx.export(net, (x,), str(path), input_names=["image"], output_names=["grid"], opset_version=17, dynamo=False)
 
 
-def export_keypoints(net: BayeCBAMKeypointNet, path: Path) -> None:
+def export_keypoints(net: BayeCBAMKeypointNet, path: Path, shape: tuple[int, int] = preprocess.CROP_SHAPE) -> None:
     net = net.cpu().eval()
     wrapper = MCDropoutKeypoints(net).eval()
-    x = torch.zeros(2, 1, *preprocess.CROP_SHAPE)
+    x = torch.zeros(2, 1, *shape)
     m = torch.ones(3, 2, net.hidden)
     torch.onnx.export(
         wrapper,
@@ -291,29 +322,39 @@ def export_keypoints(net: BayeCBAMKeypointNet, path: Path) -> None:
     )
 
 
+def _kp_session(path: Path) -> inference.KeypointFn:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    kp = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+    def kp_fn(c: np.ndarray, m1: np.ndarray, m2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        mean, logvar = kp.run(["mean", "logvar"], {"crops": c, "mask1": m1, "mask2": m2})
+        return mean, logvar
+
+    return kp_fn
+
+
 def onnx_functions(det_path: Path, kp_path: Path) -> tuple[inference.DetectorFn, inference.KeypointFn]:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     det = ort.InferenceSession(str(det_path), opts, providers=["CPUExecutionProvider"])
-    kp = ort.InferenceSession(str(kp_path), opts, providers=["CPUExecutionProvider"])
 
     def det_fn(x: np.ndarray) -> np.ndarray:
         return det.run(["grid"], {"image": x})[0]
 
-    def kp_fn(c: np.ndarray, m1: np.ndarray, m2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        mean, logvar = kp.run(["mean", "logvar"], {"crops": c, "mask1": m1, "mask2": m2})
-        return mean, logvar
-
-    return det_fn, kp_fn
+    return det_fn, _kp_session(kp_path)
 
 
-def _predict_one(args: tuple[str, tuple[int, ...], str, str, int, float, float, float]) -> tuple[evaluation.StudyRecord, list[tuple[float, float, bool]]]:
-    region, seed, det_path, kp_path, hidden, p_drop, tau1, tau2 = args
+def _predict_one(args: tuple[str, tuple[int, ...], str, str, str | None, int, float, float, float, bool]) -> tuple[evaluation.StudyRecord, list[tuple[float, float, bool]]]:
+    region, seed, det_path, kp_path, body_path, hidden, p_drop, tau1, tau2, flip = args
     det_fn, kp_fn = onnx_functions(Path(det_path), Path(kp_path))
+    body_fn = _kp_session(Path(body_path)) if body_path else None
     img, spacing, points, visible = _phantom_image(region, seed)
-    preds = inference.predict(img, spacing, region, det_fn, kp_fn, hidden, p_drop, samples=MC_SAMPLES, seed=0)
+    preds = inference.predict(img, spacing, region, det_fn, kp_fn, hidden, p_drop, samples=MC_SAMPLES, seed=0, body_fn=body_fn, flip=flip)
     rec = evaluation.StudyRecord(
         region=region,
         spacing=spacing,
@@ -338,8 +379,21 @@ def _predict_one(args: tuple[str, tuple[int, ...], str, str, int, float, float, 
     return rec, pairs
 
 
-def run_eval(region: str, split: int, n: int, det_path: Path, kp_path: Path, hidden: int, p_drop: float, tau: tuple[float, float], workers: int) -> tuple[list[evaluation.StudyRecord], list[tuple[float, float, bool]]]:
-    jobs = [(region, (REGION_CODE[region], split, i), str(det_path), str(kp_path), hidden, p_drop, tau[0], tau[1]) for i in range(n)]
+def run_eval(
+    region: str,
+    split: int,
+    n: int,
+    det_path: Path,
+    kp_path: Path,
+    hidden: int,
+    p_drop: float,
+    tau: tuple[float, float],
+    workers: int,
+    body_path: Path | None = None,
+    flip: bool = False,
+) -> tuple[list[evaluation.StudyRecord], list[tuple[float, float, bool]]]:
+    body = str(body_path) if body_path is not None else None
+    jobs = [(region, (REGION_CODE[region], split, i), str(det_path), str(kp_path), body, hidden, p_drop, tau[0], tau[1], flip) for i in range(n)]
     if workers > 1:
         with mp.get_context("fork").Pool(workers) as pool:
             res = pool.map(_predict_one, jobs, chunksize=4)
@@ -350,8 +404,15 @@ def run_eval(region: str, split: int, n: int, det_path: Path, kp_path: Path, hid
     return records, pairs
 
 
-def _entry(name: str, file: Path, out: Path, extra: dict[str, Any]) -> None:
-    entry = RegistryEntry(name=name, version=VERSION, file=file.name, sha256=sha256_file(file), phantom_trained=True, extra=extra)
+def _load_nets(folder: Path, region: str, width: int, hidden: int) -> tuple[VertebraDetector, BayeCBAMKeypointNet]:
+    det, kp = VertebraDetector(len(LEVELS[region])), BayeCBAMKeypointNet(width=width, hidden=hidden)
+    det.load_state_dict(torch.load(folder / f"detector_{region}.pt"))
+    kp.load_state_dict(torch.load(folder / f"keypoints_{region}.pt"))
+    return det.eval(), kp.eval()
+
+
+def _entry(name: str, file: Path, out: Path, extra: dict[str, Any], version: str = VERSION) -> None:
+    entry = RegistryEntry(name=name, version=version, file=file.name, sha256=sha256_file(file), phantom_trained=True, extra=extra)
     entry.save(out / f"{name}.json")
 
 
@@ -376,10 +437,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr-scale", type=float, default=1.0, help="scales both peak learning rates (e.g. 0.5 when continuing)")
     ap.add_argument("--train-split", type=int, default=1, help="seed split of the training phantoms (region, split, i); not 2 or 3")
     ap.add_argument("--cache", type=Path, default=None, help="folder to keep generated training data between runs")
+    ap.add_argument("--body", action="store_true", help="train only the vertebral-body keypoint models (from the wide keypoint models or earlier body ones); detector and wide models stay")
+    ap.add_argument("--detector", action="store_true", help="train only the detectors (from --init or --out); the keypoint models stay")
+    ap.add_argument("--no-flip", action="store_true", help="no mirrored crops at test time (by default each crop also runs mirrored)")
+    ap.add_argument("--version", default=VERSION, help="version written to the registry files")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    metrics: dict[str, Any] = {"version": VERSION, "mc_samples": MC_SAMPLES, "seeds": {"train": "(region, 1, i)", "validation": "(region, 2, i)", "test": "(region, 3, i)"}}
+    metrics: dict[str, Any] = {"version": args.version, "mc_samples": MC_SAMPLES, "seeds": {"train": "(region, 1, i)", "validation": "(region, 2, i)", "test": "(region, 3, i)"}}
     if args.train_split in (2, 3):
         raise SystemExit("--train-split 2 and 3 are the validation and test phantoms")
     prev_det, prev_kp = None, None
@@ -390,40 +455,67 @@ def main(argv: list[str] | None = None) -> int:
         prev_kp.load_state_dict(torch.load(args.out / "keypoints_cervical.pt"))
     for region in args.regions:
         frac = 1.0 if region == "cervical" else args.lumbar_fraction
-        if args.init is not None:
-            prev_det, prev_kp = VertebraDetector(len(LEVELS[region])), BayeCBAMKeypointNet(width=args.width, hidden=args.hidden)
-            prev_det.load_state_dict(torch.load(args.init / f"detector_{region}.pt"))
-            prev_kp.load_state_dict(torch.load(args.init / f"keypoints_{region}.pt"))
+        kp_epochs = max(1, round(args.kp_epochs * frac))
         det_path, kp_path = args.out / f"detector_{region}.onnx", args.out / f"keypoints_{region}.onnx"
-        if args.skip_train:
-            det, kp = VertebraDetector(len(LEVELS[region])), BayeCBAMKeypointNet(width=args.width, hidden=args.hidden)
-            det.load_state_dict(torch.load(args.out / f"detector_{region}.pt"))
-            kp.load_state_dict(torch.load(args.out / f"keypoints_{region}.pt"))
-            det, kp = det.eval(), kp.eval()
+        body_path = args.out / f"keypoints_body_{region}.onnx"
+        body: BayeCBAMKeypointNet | None = None
+        if args.body or args.detector:
+            # only the named parts train (the vertebral-body keypoint model, the detector); the rest stays as it is
+            src = args.init if args.init is not None else args.out
+            det, kp = _load_nets(src, region, args.width, args.hidden)
+            body_init = src / f"keypoints_body_{region}.pt"
+            if args.body or body_init.is_file():
+                body = BayeCBAMKeypointNet(width=args.width, hidden=args.hidden)
+                body.load_state_dict(torch.load(body_init if body_init.is_file() else src / f"keypoints_{region}.pt"))
+            if src.resolve() != args.out.resolve():
+                for name in (f"detector_{region}", f"keypoints_{region}"):
+                    for ext in ("onnx", "pt"):
+                        shutil.copy2(src / f"{name}.{ext}", args.out / f"{name}.{ext}")
+            if not args.skip_train:
+                data = generate(region, args.images, args.train_split, args.workers, args.data, args.cache)
+                if args.detector:
+                    det = train_detector(data, len(LEVELS[region]), max(1, round(args.det_epochs * frac)), args.device, init=det, seed=REGION_CODE[region], lr=2e-3 * args.lr_scale)
+                    export_detector(det, det_path)
+                    torch.save(det.state_dict(), args.out / f"detector_{region}.pt")
+                if args.body:
+                    assert body is not None
+                    body_data = {"crops": data["body_crops"], "targets": data["body_targets"]}
+                    body = train_keypoints(body_data, kp_epochs, args.device, args.width, args.hidden, init=body, seed=REGION_CODE[region], lr=1.5e-3 * args.lr_scale, warm=0 if body_init.is_file() else max(1, kp_epochs // 6))
+                    del body_data
+                del data
         else:
-            data = generate(region, args.images, args.train_split, args.workers, args.data, args.cache)
-            det_epochs, kp_epochs = round(args.det_epochs * frac), max(1, round(args.kp_epochs * frac))
-            det = train_detector(data, len(LEVELS[region]), det_epochs, args.device, init=prev_det, seed=REGION_CODE[region], lr=2e-3 * args.lr_scale) if det_epochs else prev_det.eval()
-            kp = train_keypoints(data, kp_epochs, args.device, args.width, args.hidden, init=prev_kp, seed=REGION_CODE[region], lr=1.5e-3 * args.lr_scale)
-            del data
-        export_detector(det, det_path)
-        export_keypoints(kp, kp_path)
-        torch.save(det.state_dict(), args.out / f"detector_{region}.pt")
-        torch.save(kp.state_dict(), args.out / f"keypoints_{region}.pt")
-        prev_det, prev_kp = det.to(args.device), kp.to(args.device)
-        _, pairs = run_eval(region, 2, args.val, det_path, kp_path, args.hidden, kp.p_drop, (0.0, 0.0), args.workers)
+            if args.init is not None:
+                prev_det, prev_kp = _load_nets(args.init, region, args.width, args.hidden)
+            if args.skip_train:
+                det, kp = _load_nets(args.out, region, args.width, args.hidden)
+            else:
+                data = generate(region, args.images, args.train_split, args.workers, args.data, args.cache)
+                det_epochs = round(args.det_epochs * frac)
+                det = train_detector(data, len(LEVELS[region]), det_epochs, args.device, init=prev_det, seed=REGION_CODE[region], lr=2e-3 * args.lr_scale) if det_epochs else prev_det.eval()
+                kp = train_keypoints(data, kp_epochs, args.device, args.width, args.hidden, init=prev_kp, seed=REGION_CODE[region], lr=1.5e-3 * args.lr_scale)
+                del data
+            export_detector(det, det_path)
+            export_keypoints(kp, kp_path)
+            torch.save(det.state_dict(), args.out / f"detector_{region}.pt")
+            torch.save(kp.state_dict(), args.out / f"keypoints_{region}.pt")
+            prev_det, prev_kp = det.to(args.device), kp.to(args.device)
+        if body is not None:
+            export_keypoints(body, body_path, preprocess.BODY_CROP_SHAPE)
+            torch.save(body.state_dict(), args.out / f"keypoints_body_{region}.pt")
+        use_body = body_path if body_path.is_file() else None
+        _, pairs = run_eval(region, 2, args.val, det_path, kp_path, args.hidden, kp.p_drop, (0.0, 0.0), args.workers, use_body, not args.no_flip)
         if not pairs:
             raise SystemExit(f"no {region} vertebra was found in the validation phantoms; train longer or on more images")
         s, e, vis = np.array(pairs, dtype=np.float64).T
         tau1, tau2 = inference.calibrate(s, e, invisible_sigma=s[vis < 0.5])
         _log("calibrated", region=region, tau1=round(tau1, 4), tau2=round(tau2, 4))
-        records, _ = run_eval(region, 3, args.test, det_path, kp_path, args.hidden, kp.p_drop, (tau1, tau2), args.workers)
+        records, _ = run_eval(region, 3, args.test, det_path, kp_path, args.hidden, kp.p_drop, (tau1, tau2), args.workers, use_body, not args.no_flip)
         m = evaluation.score(records)
         m["tau1_mm"], m["tau2_mm"] = tau1, tau2
         m["target_misses"] = evaluation.failures(m)
         metrics[region] = m
         _log("held-out", region=region, **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in m.items()})
-        _entry(f"spine_xray_detector_{region}", det_path, args.out, {"input_size": preprocess.DETECTOR_SIZE, "labels": list(LEVELS[region]), "region": region})
+        _entry(f"spine_xray_detector_{region}", det_path, args.out, {"input_size": preprocess.DETECTOR_SIZE, "labels": list(LEVELS[region]), "region": region}, args.version)
         _entry(
             f"spine_xray_keypoints_{region}",
             kp_path,
@@ -435,12 +527,30 @@ def main(argv: list[str] | None = None) -> int:
                 "hidden": args.hidden,
                 "p_drop": kp.p_drop,
                 "mc_samples": MC_SAMPLES,
+                "flip_test_time": not args.no_flip,
                 "tau1_mm": tau1,
                 "tau2_mm": tau2,
                 "calibration": "tau1: sigma_p below which the 95th-percentile error first exceeds 1.5 mm; tau2: likewise 2 mm for [tau1, tau2); tau2 lowered so 90% of invisible validation points are highly uncertain; validation phantoms (region, 2, i)",
                 "init": "cervical keypoint model" if region == "lumbar" else "random",
             },
+            args.version,
         )
+        if use_body is not None:
+            _entry(
+                f"spine_xray_keypoints_body_{region}",
+                body_path,
+                args.out,
+                {
+                    "region": region,
+                    "crop_shape": list(preprocess.BODY_CROP_SHAPE),
+                    "crop_pad": preprocess.BODY_CROP_PAD,
+                    "hidden": args.hidden,
+                    "p_drop": kp.p_drop,
+                    "points": "the four body corners replace the wide crop's; its spinous-process output is not used",
+                    "init": f"{region} keypoint model",
+                },
+                args.version,
+            )
     path = args.out / "metrics.json"
     if path.is_file():
         metrics = {**json.loads(path.read_text()), **metrics}

@@ -43,6 +43,54 @@ def test_decoding_returns_boxes_in_source_pixels_per_label() -> None:
     np.testing.assert_allclose(box, [80 * 4, 50 * 2, 120 * 4, 70 * 2], atol=1e-3)
 
 
+def _cell(g: np.ndarray, cx: float, cy: float, obj: float, probs: list[float], w: float = 40.0, h: float = 20.0) -> None:
+    """One proposal in ``g`` with objectness ``obj`` and class probabilities ``probs``."""
+    cell = preprocess.DETECTOR_SIZE / GRID
+    j, i = int(cx // cell), int(cy // cell)
+    g[0, 0, i, j] = _logit(obj)
+    g[0, 1, i, j] = _logit(cx / cell - j)
+    g[0, 2, i, j] = _logit(cy / cell - i)
+    g[0, 3, i, j] = math.log(w / cell)
+    g[0, 4, i, j] = math.log(h / cell)
+    g[0, 5:10, i, j] = np.log(np.asarray(probs) + 1e-6)
+
+
+def test_labels_follow_the_spine_from_top_to_bottom() -> None:
+    """Five vertebrae one above the other: the classifier's doubts do not swap, merge or drop labels."""
+    g = np.zeros((1, 10, GRID, GRID), np.float32)
+    g[0, 0] = -8.0
+    # C3 sure; C4 unsure, leaning to C5 (argmax per label would give C5 twice and no C4);
+    # C5 sure; C6 faint (objectness 0.3); C7 sure
+    _cell(g, 130, 42, 0.95, [0.9, 0.05, 0.02, 0.02, 0.01])
+    _cell(g, 130, 82, 0.9, [0.05, 0.4, 0.5, 0.04, 0.01])
+    _cell(g, 130, 122, 0.95, [0.01, 0.04, 0.9, 0.04, 0.01])
+    _cell(g, 130, 162, 0.3, [0.01, 0.04, 0.15, 0.6, 0.2])
+    _cell(g, 130, 202, 0.95, [0.01, 0.01, 0.03, 0.05, 0.9])
+    found = inference.decode_detections(g, (256, 256), CERVICAL)
+    assert list(found) == list(CERVICAL)
+    centres = [(found[k][0][1] + found[k][0][3]) / 2 for k in CERVICAL]
+    np.testing.assert_allclose(centres, [42, 82, 122, 162, 202], atol=1e-3)
+
+
+def test_weak_proposals_below_the_floor_are_not_vertebrae() -> None:
+    g = np.zeros((1, 10, GRID, GRID), np.float32)
+    g[0, 0] = -8.0
+    _cell(g, 130, 42, 0.95, [0.9, 0.05, 0.02, 0.02, 0.01])
+    _cell(g, 130, 122, 0.12, [0.01, 0.04, 0.9, 0.04, 0.01])  # 0.12 x 0.9 < 0.15
+    assert list(inference.decode_detections(g, (256, 256), CERVICAL)) == ["C3"]
+
+
+def test_overlapping_proposals_count_once() -> None:
+    g = np.zeros((1, 10, GRID, GRID), np.float32)
+    g[0, 0] = -8.0
+    # one vertebra proposed by two neighbouring cells, both reading it as C4
+    _cell(g, 120, 70, 0.9, [0.1, 0.8, 0.1, 0.0, 0.0], w=48, h=30)
+    _cell(g, 122, 82, 0.6, [0.1, 0.8, 0.1, 0.0, 0.0], w=48, h=30)
+    found = inference.decode_detections(g, (256, 256), CERVICAL)
+    assert list(found) == ["C4"]
+    assert abs((found["C4"][0][1] + found["C4"][0][3]) / 2 - 70) < 1e-3
+
+
 def test_predict_combines_aleatoric_and_epistemic_sigma_in_mm() -> None:
     img = np.random.default_rng(0).random((512, 512)).astype(np.float32)
     spacing = (0.2, 0.4)
