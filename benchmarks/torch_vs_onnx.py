@@ -48,11 +48,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
-from onnx import numpy_helper  # noqa: E402
 from torch import nn  # noqa: E402
 
 from analyzers import runtime  # noqa: E402
 from analyzers.base import AnalyzerSettings, RegistryEntry, Study  # noqa: E402
+from analyzers.onnx_import import load_from_onnx  # noqa: E402
 
 HEADING = "## Torch eager vs ONNX Runtime"
 THREADS = (1, 2)
@@ -114,83 +114,6 @@ def record_study(analyzer_cls: type, seed: int, n: int, want: Callable[[list[Cal
 
 
 # ---------------------------------------------------------------------------
-# ONNX initializers back into torch modules
-# ---------------------------------------------------------------------------
-
-
-def load_from_onnx(module: nn.Module, path: Path, example: tuple[torch.Tensor, ...]) -> str:
-    """Copy the initializers of the ONNX file at ``path`` into ``module`` (exported from the same class).
-
-    Named initializers load by name. Convolutions are paired with the ONNX Conv /
-    ConvTranspose nodes in execution order (the exporter traces in that order);
-    a convolution whose output feeds a BatchNorm that the ONNX graph no longer has
-    was folded, so the folded weight and bias go into the convolution and the
-    BatchNorm becomes the identity.
-
-    Returns
-    -------
-    A short description of what was loaded.
-    """
-    model = onnx.load(str(path))
-    inits = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy()) for i in model.graph.initializer}
-    state = module.state_dict()
-    named = {k: v for k, v in inits.items() if k in state}
-    module.load_state_dict({**state, **named})
-
-    order: list[nn.Module] = []
-    folded_bn: dict[int, nn.BatchNorm2d] = {}
-    last_out: list = [None]
-    hooks = []
-    for m in module.modules():
-        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
-            def conv_hook(mod, inp, out):
-                order.append(mod)
-                last_out[0] = (len(order) - 1, out)
-            hooks.append(m.register_forward_hook(conv_hook))
-        elif isinstance(m, nn.BatchNorm2d):
-            def bn_hook(mod, inp):
-                if last_out[0] is not None and inp[0] is last_out[0][1]:
-                    folded_bn[last_out[0][0]] = mod
-            hooks.append(m.register_forward_pre_hook(bn_hook))
-    with torch.inference_mode():
-        module(*example)
-    for h in hooks:
-        h.remove()
-
-    consumers: dict[str, list[str]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node.op_type)
-    nodes = {"Conv": [n for n in model.graph.node if n.op_type == "Conv"], "ConvTranspose": [n for n in model.graph.node if n.op_type == "ConvTranspose"]}
-    seen = {"Conv": 0, "ConvTranspose": 0}
-    n_folded = 0
-    with torch.no_grad():
-        for i, conv in enumerate(order):
-            kind = "ConvTranspose" if isinstance(conv, nn.ConvTranspose2d) else "Conv"
-            if seen[kind] >= len(nodes[kind]):
-                raise RuntimeError(f"{path.name}: the torch module runs more {kind} layers than the ONNX graph has")
-            node = nodes[kind][seen[kind]]
-            seen[kind] += 1
-            w = inits[node.input[1]]
-            b = inits[node.input[2]] if len(node.input) > 2 and node.input[2] else None
-            conv.weight.copy_(w.reshape(conv.weight.shape))
-            bn = folded_bn.get(i)
-            if bn is not None and "BatchNormalization" not in consumers.get(node.output[0], []):
-                n_folded += 1
-                if conv.bias is not None:
-                    conv.bias.zero_()
-                bn.weight.fill_(1.0)
-                bn.bias.copy_(b if b is not None else torch.zeros_like(bn.bias))
-                bn.running_mean.zero_()
-                bn.running_var.fill_(1.0 - bn.eps)
-            elif b is not None:
-                conv.bias.copy_(b)
-    if seen != {k: len(v) for k, v in nodes.items()}:
-        raise RuntimeError(f"{path.name}: ONNX has {[(k, len(v)) for k, v in nodes.items()]} convolutions, the torch module ran {seen}")
-    return f"from ONNX ({len(named)} named tensors, {len(order)} conv calls, {n_folded} BatchNorm folds undone)"
-
-
-# ---------------------------------------------------------------------------
 # The analyzers' networks, built as their train.py exports them
 # ---------------------------------------------------------------------------
 
@@ -230,6 +153,12 @@ def spine_networks(calls: list[Call]) -> list[Network]:
         kp.load_state_dict(state)
         nets.append(Network(det_entry.name, det_entry.path, det.eval(), f"detector_{region}.pt"))
         nets.append(Network(kp_entry.name, kp_entry.path, M.MCDropoutKeypoints(kp).eval(), f"keypoints_{region}.pt (width {width})"))
+        body_name = kp_entry.extra.get("body_model")
+        if body_name:  # the vertebral-body keypoint model: same network, body crops
+            body_entry = RegistryEntry.load(WEIGHTS / f"{body_name}.json")
+            body = M.BayeCBAMKeypointNet(width=width, hidden=int(body_entry.extra["hidden"]), p_drop=float(body_entry.extra["p_drop"]))
+            body.load_state_dict(torch.load(WEIGHTS / f"keypoints_body_{region}.pt", map_location="cpu"))
+            nets.append(Network(body_entry.name, body_entry.path, M.MCDropoutKeypoints(body).eval(), f"keypoints_body_{region}.pt (width {width})"))
     return attach(nets, calls)
 
 

@@ -106,7 +106,7 @@ class SpineXrayKeypoints(Analyzer):
     """
 
     name = "spine_xray_keypoints"
-    version = "1.0.0"
+    version = "1.1.0"
     title = "Lateral spine radiograph keypoints with uncertainty and mensuration (BayeRegX)"
     outputs = Outputs(
         measurements=MEASUREMENT_UNITS,
@@ -123,9 +123,10 @@ class SpineXrayKeypoints(Analyzer):
     def _entries(self, region: str) -> tuple[RegistryEntry, RegistryEntry, RegistryEntry | None]:
         det = resolve_entry(self.settings, f"spine_xray_detector_{region}", WEIGHTS / f"spine_xray_detector_{region}.json")
         kp = resolve_entry(self.settings, f"spine_xray_keypoints_{region}", WEIGHTS / f"spine_xray_keypoints_{region}.json")
-        # the thresholds were calibrated with the body model the keypoint entry names, so it comes with them
+        # the thresholds were calibrated with the body model the keypoint entry names, so it comes with
+        # them: by default from the keypoint entry's own folder
         body_name = kp.extra.get("body_model")
-        body = resolve_entry(self.settings, body_name, WEIGHTS / f"{body_name}.json") if body_name else None
+        body = resolve_entry(self.settings, body_name, Path(kp.path).parent / f"{body_name}.json") if body_name else None
         return det, kp, body
 
     def _models(self, region: str) -> tuple[OnnxModel, OnnxModel, OnnxModel | None, RegistryEntry]:

@@ -6,7 +6,6 @@ analyzer (ONNX Runtime sessions) and training (calibration and evaluation).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 

@@ -532,6 +532,7 @@ def main(argv: list[str] | None = None) -> int:
                 "tau2_mm": tau2,
                 "calibration": "tau1: sigma_p below which the 95th-percentile error first exceeds 1.5 mm; tau2: likewise 2 mm for [tau1, tau2); tau2 lowered so 90% of invisible validation points are highly uncertain; validation phantoms (region, 2, i)",
                 "init": "cervical keypoint model" if region == "lumbar" else "random",
+                **({"body_model": f"spine_xray_keypoints_body_{region}"} if use_body is not None else {}),
             },
             args.version,
         )

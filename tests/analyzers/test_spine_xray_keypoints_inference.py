@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pytest
 
 from analyzers.base import UncertaintyClass
 from analyzers.spine_xray_keypoints import inference, preprocess

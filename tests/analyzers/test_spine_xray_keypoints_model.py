@@ -20,9 +20,9 @@ def _session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-def _keypoint_parity(net: BayeCBAMKeypointNet, path: Path) -> None:
+def _keypoint_parity(net: BayeCBAMKeypointNet, path: Path, shape: tuple[int, int] = preprocess.CROP_SHAPE) -> None:
     rng = np.random.default_rng(0)
-    crops = rng.standard_normal((3, 1, *preprocess.CROP_SHAPE)).astype(np.float32)
+    crops = rng.standard_normal((3, 1, *shape)).astype(np.float32)
     m1 = (rng.random((4, 3, net.hidden)) > net.p_drop).astype(np.float32)
     m2 = (rng.random((4, 3, net.hidden)) > net.p_drop).astype(np.float32)
     with torch.no_grad():
@@ -54,16 +54,16 @@ def test_exported_detector_matches_torch(tmp_path: Path) -> None:
     np.testing.assert_allclose(got, want, atol=1e-4)
 
 
-@pytest.mark.parametrize("region", ["cervical", "lumbar"])
-def test_bundled_keypoint_weights_match_their_torch_state(region: str) -> None:
-    pt = WEIGHTS / f"keypoints_{region}.pt"
+@pytest.mark.parametrize("name", ["keypoints_cervical", "keypoints_lumbar", "keypoints_body_cervical", "keypoints_body_lumbar"])
+def test_bundled_keypoint_weights_match_their_torch_state(name: str) -> None:
+    pt = WEIGHTS / f"{name}.pt"
     if not pt.is_file():
-        pytest.skip("no bundled torch state for the keypoint model")
+        pytest.skip(f"no bundled torch state for {name}")
     state = torch.load(pt)
     width = state["features.0.0.weight"].shape[0]
     net = BayeCBAMKeypointNet(width=width, hidden=state["fc1.weight"].shape[0])
     net.load_state_dict(state)
-    _keypoint_parity(net, WEIGHTS / f"keypoints_{region}.onnx")
+    _keypoint_parity(net, WEIGHTS / f"{name}.onnx", preprocess.BODY_CROP_SHAPE if "body" in name else preprocess.CROP_SHAPE)
 
 
 def test_aleatoric_loss_prefers_honest_variance() -> None:
