@@ -7,6 +7,17 @@ Phantom training (the bundled weights), in stages so they can run side by side::
     python -m analyzers.chest_xray_thoracic.train cls   --cache /tmp/cxr   # classifier, BCE
     python -m analyzers.chest_xray_thoracic.train export --cache /tmp/cxr  # ONNX, operating points, metrics
 
+Continuing from the bundled ONNX weights (the torch state is not bundled)::
+
+    python -m analyzers.chest_xray_thoracic.train from-onnx --cache /tmp/cxr    # unet.pt + cls.pt from weights/
+    python -m analyzers.chest_xray_thoracic.train cls --cache /tmp/cxr --resume --lr 3e-4
+    python -m analyzers.chest_xray_thoracic.train export --cache /tmp/cxr --keep-segmenter
+
+``from-onnx`` copies the ONNX initializers back into the torch modules
+(``analyzers.onnx_import``); BatchNorms folded into convolutions by the
+exporter become identities there, so a classifier started from ONNX trains
+with every BatchNorm in eval mode (running statistics frozen).
+
 Seeds: training phantoms use seed 1000, validation 2000 (operating points), the
 held-out evaluation 3000; tests use seeds from 5000 on, never used here.
 
@@ -58,7 +69,7 @@ SMALL = DenseNetConfig(growth_rate=12, block_config=(2, 4, 6, 4), num_init_featu
 UNET_BASE = 8
 UNET_DOWNSAMPLE = 2
 SEG_VERSION = "1.0.0"
-CLS_VERSION = "1.0.0"
+CLS_VERSION = "1.1.0"
 LESION_WEIGHT = {"Nodule": 6.0, "Mass": 3.0}
 """Small lesions are learnt last: their loss terms count more."""
 MIN_VAL_AUROC = 0.95
@@ -185,21 +196,39 @@ def jitter_mask(seg: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return m.astype(np.float32)
 
 
+def set_train(net: torch.nn.Module, frozen_bn: bool = False) -> None:
+    """``net.train()``; with ``frozen_bn`` every BatchNorm stays in eval mode (running statistics used and kept).
+
+    Needed for networks loaded from ONNX, whose folded BatchNorms are identities:
+    batch statistics would change what they compute.
+    """
+    net.train()
+    if frozen_bn:
+        for m in net.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
 def train_cls(images: np.ndarray, masks: np.ndarray, labels: np.ndarray, label_weight: np.ndarray, cfg: DenseNetConfig,
               epochs: int, seed: int = 0, batch: int = 16, net: ThoracicClassifier | None = None,
-              jitter: bool = True, loader=None) -> ThoracicClassifier:
-    """BCE over the labels with weight 1 in ``label_weight`` (others are not judged by these data)."""
+              jitter: bool = True, loader=None, max_lr: float = 2e-3, frozen_bn: bool = False,
+              on_epoch=None) -> ThoracicClassifier:
+    """BCE over the labels with weight 1 in ``label_weight`` (others are not judged by these data).
+
+    ``frozen_bn`` keeps every BatchNorm in eval mode (see :func:`set_train`);
+    ``on_epoch(epoch, net)`` is called after each epoch (validation, checkpoints).
+    """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     net = net or ThoracicClassifier(cfg, dropout=0.1)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3, weight_decay=1e-4)
+    opt = torch.optim.Adam(net.parameters(), lr=max_lr / 2, weight_decay=1e-4)
     n = len(labels)
     steps = epochs * math.ceil(n / batch)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=steps)
     w = torch.from_numpy(label_weight.astype(np.float32))
     gen = torch.Generator().manual_seed(seed)
     for epoch in range(epochs):
-        net.train()
+        set_train(net, frozen_bn)
         t0, total = time.time(), 0.0
         for idx in torch.randperm(n, generator=gen).split(batch):
             ids = idx.numpy()
@@ -219,6 +248,9 @@ def train_cls(images: np.ndarray, masks: np.ndarray, labels: np.ndarray, label_w
             total += float(loss.detach()) * len(ids)
             _progress("cls", epoch, total, n, t0)
         log.info("cls_epoch", epoch=epoch + 1, of=epochs, loss=round(total / n, 4), seconds=round(time.time() - t0, 1))
+        if on_epoch is not None:
+            net.eval()
+            on_epoch(epoch, net)
     return net.eval()
 
 
@@ -336,26 +368,120 @@ def stage_seg(args: argparse.Namespace) -> None:
 
 
 def load_classifier(path: Path) -> ThoracicClassifier:
+    return load_classifier_state(path)[0]
+
+
+def load_classifier_state(path: Path) -> tuple[ThoracicClassifier, bool]:
+    """The cached classifier and whether its BatchNorms must stay frozen (it came from ONNX)."""
     saved = torch.load(path)
     cfg = DenseNetConfig(**{**saved["cfg"], "block_config": tuple(saved["cfg"]["block_config"])})
     net = ThoracicClassifier(cfg, dropout=0.1)
     net.load_state_dict(saved["state"])
+    return net.eval(), bool(saved.get("frozen_bn", False))
+
+
+def save_classifier(net: ThoracicClassifier, path: Path, frozen_bn: bool = False) -> None:
+    torch.save({"state": net.state_dict(), "cfg": net.cfg.as_dict(), "frozen_bn": frozen_bn}, path)
+
+
+def classifier_from_onnx(path: Path) -> ThoracicClassifier:
+    """The bundled classifier (ONNX + its registry json) as a torch module; its folded BatchNorms are identities."""
+    from analyzers.onnx_import import load_from_onnx
+
+    entry = RegistryEntry.load(Path(path).with_suffix(".json"))
+    d = entry.extra["densenet"]
+    cfg = DenseNetConfig(growth_rate=int(d["growth_rate"]), block_config=tuple(d["block_config"]),
+                         num_init_features=int(d["num_init_features"]), bn_size=int(d["bn_size"]))
+    net = ThoracicClassifier(cfg, dropout=0.1)
+    wrapper = ClassifierExport(net).eval()
+    how = load_from_onnx(wrapper, Path(path), (torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE), torch.ones(1, 1, INPUT_SIZE, INPUT_SIZE)))
+    log.info("classifier_from_onnx", path=str(path), loaded=how)
     return net.eval()
 
 
+def unet_from_onnx(path: Path) -> UNet:
+    """The bundled U-Net (ONNX + its registry json) as a torch module."""
+    from analyzers.onnx_import import load_from_onnx
+
+    entry = RegistryEntry.load(Path(path).with_suffix(".json"))
+    unet = UNet(base=int(entry.extra["unet_base"]), downsample=int(entry.extra["unet_downsample"]))
+    wrapper = SegmenterExport(unet).eval()
+    how = load_from_onnx(wrapper, Path(path), (torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE),))
+    log.info("unet_from_onnx", path=str(path), loaded=how)
+    return unet.eval()
+
+
+def onnx_parity(module: torch.nn.Module, path: Path, feeds: dict[str, np.ndarray]) -> float:
+    """Max abs difference of all outputs, ``module`` (the export wrapper) against ONNX Runtime."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ref = sess.run(None, feeds)
+    with torch.no_grad():
+        out = module(*(torch.from_numpy(v) for v in feeds.values()))
+    out = out if isinstance(out, (tuple, list)) else (out,)
+    return max(float(np.abs(o.numpy() - r).max()) for o, r in zip(out, ref))
+
+
+def stage_from_onnx(args: argparse.Namespace) -> None:
+    """unet.pt and cls.pt in the cache from the ONNX weights in ``--weights``; parity and validation AUROCs logged."""
+    args.cache.mkdir(parents=True, exist_ok=True)
+    seg_path, cls_path = args.weights / "lung_heart_unet.onnx", args.weights / "thoracic_classifier.onnx"
+    unet = unet_from_onnx(seg_path)
+    net = classifier_from_onnx(cls_path)
+    torch.save(unet.state_dict(), args.cache / "unet.pt")
+    save_classifier(net, args.cache / "cls.pt", frozen_bn=True)
+    val = load_split(args.cache, "val")
+    x = to_input(val["image"][:8]).numpy()
+    masks = predict_masks(unet, val["image"][:8])
+    m = (masks > 0).astype(np.float32)[:, None]
+    log.info("onnx_parity", segmenter=onnx_parity(SegmenterExport(unet).eval(), seg_path, {"image": x}),
+             classifier=onnx_parity(ClassifierExport(net).eval(), cls_path, {"image": x, "mask": m}))
+    probs = predict_probs(net, val["image"], predict_masks(unet, val["image"]))
+    log.info("val_auroc_unet_masks", **{k: round(auroc(val["labels"][:, LABELS.index(k)], probs[:, LABELS.index(k)]), 4) for k in SYNTHESISED})
+
+
 def stage_cls(args: argparse.Namespace) -> None:
-    weight = np.asarray([LESION_WEIGHT.get(k, 1.0) if k in SYNTHESISED else 0.0 for k in LABELS], np.float32)
+    lesion = {**LESION_WEIGHT, **dict(_label_weight(s) for s in args.label_weight)}
+    weight = np.asarray([lesion.get(k, 1.0) if k in SYNTHESISED else 0.0 for k in LABELS], np.float32)
+    frozen_bn = False
     if args.cxr14_csv:
         net = train_cxr14(args)
     else:
         data = {k: v[: args.n_cls] for k, v in load_split(args.cache, "train").items()}
-        start = load_classifier(args.cache / "cls.pt") if args.resume else None
-        net = train_cls(data["image"], data["seg"], data["labels"], weight, SMALL, args.epochs or 12, seed=args.seed, net=start)
-    torch.save({"state": net.state_dict(), "cfg": net.cfg.as_dict()}, args.cache / "cls.pt")
-    if not args.cxr14_csv:
+        start = None
+        if args.resume_onnx:
+            start, frozen_bn = classifier_from_onnx(args.resume_onnx), True
+        elif args.resume:
+            start, frozen_bn = load_classifier_state(args.cache / "cls.pt")
         val = load_split(args.cache, "val")
-        probs = predict_probs(net, val["image"], val["seg"])
-        log.info("cls_val_auroc", **{k: round(auroc(val["labels"][:, LABELS.index(k)], probs[:, LABELS.index(k)]), 4) for k in SYNTHESISED})
+        val_masks = predict_masks(_cached_unet(args.cache), val["image"]) if (args.cache / "unet.pt").exists() else val["seg"]
+        history: list[dict] = []
+
+        def on_epoch(epoch: int, net: ThoracicClassifier) -> None:
+            # validation phantoms (seed 2000) with the U-Net's masks, as export judges them; a checkpoint per epoch
+            probs = predict_probs(net, val["image"], val_masks)
+            scores = {k: round(auroc(val["labels"][:, LABELS.index(k)], probs[:, LABELS.index(k)]), 4) for k in SYNTHESISED}
+            history.append(scores)
+            save_classifier(net, args.cache / f"cls_epoch{epoch + 1}.pt", frozen_bn)
+            log.info("cls_val_auroc", epoch=epoch + 1, **scores)
+
+        net = train_cls(data["image"], data["seg"], data["labels"], weight, SMALL, args.epochs or 12, seed=args.seed, net=start,
+                        max_lr=args.lr, frozen_bn=frozen_bn, on_epoch=on_epoch)
+    save_classifier(net, args.cache / "cls.pt", frozen_bn)
+
+
+def _label_weight(text: str) -> tuple[str, float]:
+    name, _, value = text.partition("=")
+    if name not in SYNTHESISED or not value:
+        raise SystemExit(f"--label-weight wants LABEL=WEIGHT with a synthesised label, not {text!r}")
+    return name, float(value)
+
+
+def _cached_unet(cache: Path) -> UNet:
+    unet = UNet(base=UNET_BASE, downsample=UNET_DOWNSAMPLE)
+    unet.load_state_dict(torch.load(cache / "unet.pt"))
+    return unet.eval()
 
 
 def train_cxr14(args: argparse.Namespace) -> ThoracicClassifier:
@@ -387,9 +513,13 @@ def stage_export(args: argparse.Namespace) -> None:
 
     out = args.weights
     out.mkdir(parents=True, exist_ok=True)
-    unet = UNet(base=UNET_BASE, downsample=UNET_DOWNSAMPLE)
-    unet.load_state_dict(torch.load(args.cache / "unet.pt"))
-    unet.eval()
+    seg_path = out / "lung_heart_unet.onnx"
+    if args.keep_segmenter:
+        # the U-Net stays as bundled: its ONNX file and registry entry are not rewritten
+        seg_entry = RegistryEntry.load(seg_path.with_suffix(".json"))
+        if sha256_file(seg_path) != seg_entry.sha256:
+            raise SystemExit(f"--keep-segmenter: {seg_path} does not match the sha256 in its registry entry")
+    unet = _cached_unet(args.cache)
     net = load_classifier(args.cache / "cls.pt")
     cfg = net.cfg
 
@@ -402,14 +532,14 @@ def stage_export(args: argparse.Namespace) -> None:
     evaluated = [k for k in SYNTHESISED if val_auroc[k] >= MIN_VAL_AUROC]
     log.info("validation", auroc=val_auroc, evaluated=evaluated)
 
-    seg_path = out / "lung_heart_unet.onnx"
     cls_path = out / "thoracic_classifier.onnx"
-    export_segmenter(unet, seg_path)
+    if not args.keep_segmenter:
+        export_segmenter(unet, seg_path)
+        write_entry(seg_path, "lung_heart_unet", SEG_VERSION, True, {
+            "input_size": INPUT_SIZE, "classes": list(SEG_CLASSES), "unet_base": UNET_BASE, "unet_downsample": UNET_DOWNSAMPLE,
+            "training": f"{args.n_train} phantoms, seed {SEEDS['train']}",
+        })
     export_classifier(net, cls_path)
-    write_entry(seg_path, "lung_heart_unet", SEG_VERSION, True, {
-        "input_size": INPUT_SIZE, "classes": list(SEG_CLASSES), "unet_base": UNET_BASE, "unet_downsample": UNET_DOWNSAMPLE,
-        "training": f"{args.n_train} phantoms, seed {SEEDS['train']}",
-    })
     write_entry(cls_path, "thoracic_classifier", CLS_VERSION, True, {
         "input_size": INPUT_SIZE, "labels": list(LABELS), "evaluated_labels": evaluated,
         "withheld_labels": {k: f"validation AUROC {v} < {MIN_VAL_AUROC}" for k, v in val_auroc.items() if k not in evaluated},
@@ -446,7 +576,7 @@ def stage_import(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m analyzers.chest_xray_thoracic.train", description=__doc__.split("\n")[0])
-    p.add_argument("stage", choices=["data", "seg", "cls", "export", "import-densenet"])
+    p.add_argument("stage", choices=["data", "seg", "cls", "from-onnx", "export", "import-densenet"])
     p.add_argument("checkpoint", nargs="?", type=Path, help="import-densenet: the .pth state dict")
     p.add_argument("--cache", type=Path, default=Path("/tmp/cxr_thoracic"))
     p.add_argument("--weights", type=Path, default=WEIGHTS)
@@ -458,6 +588,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="cls: continue from the cached classifier")
+    p.add_argument("--resume-onnx", type=Path, help="cls: continue from an ONNX classifier (with its registry json beside it)")
+    p.add_argument("--lr", type=float, default=2e-3, help="cls: peak learning rate of the one-cycle schedule")
+    p.add_argument("--label-weight", action="append", default=[], metavar="LABEL=W",
+                   help=f"cls: loss weight of a synthesised label (default {LESION_WEIGHT}, others 1)")
+    p.add_argument("--keep-segmenter", action="store_true", help="export: keep the U-Net's ONNX file and registry entry as they are")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cxr14-csv", type=Path)
@@ -471,7 +606,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     if args.stage == "import-densenet" and args.checkpoint is None:
         p.error("import-densenet needs the checkpoint path")
-    {"data": stage_data, "seg": stage_seg, "cls": stage_cls, "export": stage_export, "import-densenet": stage_import}[args.stage](args)
+    {"data": stage_data, "seg": stage_seg, "cls": stage_cls, "from-onnx": stage_from_onnx, "export": stage_export,
+     "import-densenet": stage_import}[args.stage](args)
 
 
 if __name__ == "__main__":

@@ -164,3 +164,50 @@ def test_onnx_matches_torch(tmp_path):
     assert prob.shape == (2, len(LABELS)) and ev.shape == (2, len(LABELS), 224, 224)
     assert ev.min() >= 0 and ev.max() <= 1 + 1e-5
     assert np.all(ev[np.broadcast_to(mask.numpy() == 0, ev.shape)] == 0)  # evidence only on lungs and heart
+
+
+def test_onnx_weights_load_back_into_torch_and_train_with_frozen_batchnorm(tmp_path):
+    """train.py from-onnx / cls --resume-onnx: the ONNX initializers reproduce the network; BatchNorms stay frozen."""
+    ort = pytest.importorskip("onnxruntime")
+    from analyzers.chest_xray_thoracic.train import set_train
+    from analyzers.onnx_import import load_from_onnx
+
+    torch.manual_seed(3)
+    unet = UNet(base=4, downsample=2).eval()
+    net = ThoracicClassifier(TINY, dropout=0.1).eval()
+    with torch.no_grad():
+        for m in list(unet.modules()) + list(net.modules()):
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.8, 1.2)
+                m.bias.uniform_(-0.1, 0.1)
+    export_segmenter(unet, tmp_path / "seg.onnx")
+    export_classifier(net, tmp_path / "cls.onnx")
+    x = torch.randn(2, 3, 224, 224)
+    mask = (torch.rand(2, 1, 224, 224) > 0.3).float()
+    seg2 = SegmenterExport(UNet(base=4, downsample=2)).eval()
+    cls2 = ClassifierExport(ThoracicClassifier(TINY, dropout=0.1)).eval()
+    assert "BatchNorm folds undone" in load_from_onnx(seg2, tmp_path / "seg.onnx", (x[:1],))
+    assert "BatchNorm folds undone" in load_from_onnx(cls2, tmp_path / "cls.onnx", (x[:1], mask[:1]))
+    seg = ort.InferenceSession(str(tmp_path / "seg.onnx"), providers=["CPUExecutionProvider"]).run(None, {"image": x.numpy()})[0]
+    prob, ev = ort.InferenceSession(str(tmp_path / "cls.onnx"), providers=["CPUExecutionProvider"]).run(None, {"image": x.numpy(), "mask": mask.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(seg2(x).numpy(), seg, atol=1e-4)
+        prob2, ev2 = cls2(x, mask)
+    np.testing.assert_allclose(prob2.numpy(), prob, atol=1e-4)
+    np.testing.assert_allclose(ev2.numpy(), ev, atol=1e-3)
+
+    # training with frozen BatchNorm: dropout trains, running statistics do not move
+    reloaded = cls2.net
+    set_train(reloaded, frozen_bn=True)
+    bns = [m for m in reloaded.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and not any(m.training for m in bns) and reloaded.dropout.training
+    before = [m.running_mean.clone() for m in bns]
+    opt = torch.optim.SGD(reloaded.parameters(), lr=0.1)
+    logits, _ = reloaded(x, mask)
+    F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits)).backward()
+    opt.step()
+    assert all(torch.equal(a, m.running_mean) for a, m in zip(before, bns))
+    set_train(reloaded)
+    assert all(m.training for m in bns)
