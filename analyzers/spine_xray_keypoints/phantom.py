@@ -238,9 +238,12 @@ def render(rng: np.random.Generator, region: str) -> PhantomImage:
     """Draw one phantom lateral radiograph of ``region`` (``"cervical"`` or ``"lumbar"``)."""
     cervical = region == "cervical"
     vertebrae, params = build_spine(rng, region)
-    spacing = round(float(rng.uniform(0.24, 0.34) if cervical else rng.uniform(0.5, 0.66)), 5)
-    rows = int(rng.integers(480, 640))
-    cols = int(rng.integers(440, 600))
+    # pixel spacing a few times coarser than a detector's (0.1-0.2 mm) to keep phantoms small, yet
+    # alike for both regions: a lumbar field of view (about 230-380 mm) takes more pixels
+    spacing = round(float(rng.uniform(0.24, 0.34) if cervical else rng.uniform(0.3, 0.4)), 5)
+    scale = 1.0 if cervical else 1.6
+    rows = int(rng.integers(480, 640) * scale)
+    cols = int(rng.integers(440, 600) * scale)
     face = float(rng.choice([-1.0, 1.0]))
     tilt = math.radians(rng.uniform(-10, 10))
     labelled = [v for v in vertebrae if v.labelled]

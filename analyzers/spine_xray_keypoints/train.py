@@ -444,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    metrics: dict[str, Any] = {"version": args.version, "mc_samples": MC_SAMPLES, "seeds": {"train": "(region, 1, i)", "validation": "(region, 2, i)", "test": "(region, 3, i)"}}
+    metrics: dict[str, Any] = {"mc_samples": MC_SAMPLES, "seeds": {"train": "(region, 1, i)", "validation": "(region, 2, i)", "test": "(region, 3, i)"}}
     if args.train_split in (2, 3):
         raise SystemExit("--train-split 2 and 3 are the validation and test phantoms")
     prev_det, prev_kp = None, None
@@ -511,6 +511,7 @@ def main(argv: list[str] | None = None) -> int:
         _log("calibrated", region=region, tau1=round(tau1, 4), tau2=round(tau2, 4))
         records, _ = run_eval(region, 3, args.test, det_path, kp_path, args.hidden, kp.p_drop, (tau1, tau2), args.workers, use_body, not args.no_flip)
         m = evaluation.score(records)
+        m["version"] = args.version
         m["tau1_mm"], m["tau2_mm"] = tau1, tau2
         m["target_misses"] = evaluation.failures(m)
         metrics[region] = m
