@@ -5,9 +5,9 @@
 Prints one JSON line: ONNX Runtime providers, model load and warm-up seconds,
 and per-study wall-clock (median, p95, max) of ``select`` + ``analyze`` with
 the bundled weights, for cervical and lumbar studies together (DICOM decode,
-detector, two batched MC-dropout passes of T samples over the vertebra crops,
-mensuration and result building included), plus the share spent in the ONNX
-sessions.
+detector, three batched MC-dropout passes of T samples, each over the crops and
+their mirror images, mensuration and result building included), plus the share
+spent in the ONNX sessions.
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ def main() -> None:
         t_warm = time.perf_counter() - t0
 
         session_time = [0.0]
-        for det, kp, _ in analyzer._sessions.values():
-            for model in (det, kp):
+        for *models, _ in analyzer._sessions.values():
+            for model in (m for m in models if m is not None):
                 run = model.session.run
 
                 def timed(*a, _run=run, **k):
@@ -67,7 +67,7 @@ def main() -> None:
             study = Study.from_datasets([pydicom.dcmread(path)], [path])
             analyzer.analyze(analyzer.select(study))
             times.append(time.perf_counter() - t0)
-        providers = sorted({p for det, kp, _ in analyzer._sessions.values() for p in det.providers + kp.providers})
+        providers = sorted({p for *models, _ in analyzer._sessions.values() for m in models if m is not None for p in m.providers})
     t = np.array(times)
     print(
         json.dumps(
