@@ -362,6 +362,9 @@ class Analyzer:
     title: ClassVar[str] = ""
     outputs: ClassVar[Outputs] = Outputs()
     batchable: ClassVar[bool] = False
+    """True when :meth:`analyze_batch` shares the network calls of several studies."""
+    max_batch: ClassVar[int] = 8
+    """The most studies :meth:`analyze_batch` takes at once."""
     template_file: ClassVar[Path | None] = None
     """SR template of an analyzer shipped outside this project; bundled ones live in ``sr_templates/``."""
 
@@ -389,6 +392,21 @@ class Analyzer:
             When looking at the pixels shows the input cannot be judged.
         """
         raise NotImplementedError
+
+    def analyze_batch(self, batch: Sequence[Sequence[Series]]) -> list["AnalysisResult | Exception"]:
+        """Run on the selected series of several studies; one result or exception per study, in order.
+
+        The default calls :meth:`analyze` on each. A ``batchable`` analyzer overrides it to run the
+        studies through its networks together. An exception in the list (NotApplicable or any
+        other) concerns that study only; the others' results stand.
+        """
+        out: list[AnalysisResult | Exception] = []
+        for inputs in batch:
+            try:
+                out.append(self.analyze(inputs))
+            except Exception as exc:
+                out.append(exc)
+        return out
 
     def load(self) -> None:
         """Load models now (the worker calls this once at start-up)."""

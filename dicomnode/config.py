@@ -102,6 +102,7 @@ class AnalyzersSection(_Strict):
     max_attempts: int = Field(3, ge=1, le=20)
     retry_delay: float = Field(10, ge=0, description="first retry of a failed job after this many seconds, doubling")
     job_timeout: float = Field(900, gt=0)
+    batch_size: int = Field(8, ge=1, le=64, description="at most this many queued jobs of one batchable analyzer run together; 1 turns batching off")
     plugins: list[str] = Field(default_factory=list, description="extra analyzers as 'module:Class'")
     settings: dict[str, AnalyzerOptions] = Field(default_factory=dict)
 

@@ -87,6 +87,26 @@ class JobQueue:
             full = db.execute("SELECT * FROM jobs WHERE id=?", (row["id"],)).fetchone()
         return Job.from_row(full)
 
+    def claim_batch(self, analyzer: str, limit: int) -> list[Job]:
+        """Up to ``limit`` more queued jobs of ``analyzer`` to run with one already claimed.
+
+        Only first attempts: a job that ran before (and may have taken the worker down with it)
+        runs alone, so it cannot cost other jobs their attempts again.
+        """
+        if limit < 1:
+            return []
+        worker = f"{socket.gethostname()}:{os.getpid()}"
+        now = time.time()
+        with self.store.transaction() as db:
+            ids = [r["id"] for r in db.execute(
+                "SELECT id FROM jobs WHERE state='queued' AND analyzer=? AND attempts=0 AND not_before<=? ORDER BY priority, id LIMIT ?",
+                (analyzer, now, limit))]
+            for job_id in ids:
+                db.execute("UPDATE jobs SET state='running', started_at=?, worker=?, attempts=attempts+1, error=NULL WHERE id=?",
+                           (now, worker, job_id))
+            rows = [db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone() for job_id in ids]
+        return [Job.from_row(r) for r in rows]
+
     def finish(self, job_id: int, outbox_rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
         """Mark done and hand the result objects to the outbox in one transaction."""
         now = time.time()

@@ -41,12 +41,6 @@ def encoder_context(cfg: Config):
     )
 
 
-def run_analyzer(analyzer: Analyzer, study) -> Any:
-    """select + analyze; NotApplicable propagates."""
-    inputs = analyzer.select(study)
-    return analyzer.analyze(inputs)
-
-
 class Worker:
     def __init__(self, cfg: Config, store: Store | None = None) -> None:
         self.cfg = cfg
@@ -68,55 +62,105 @@ class Worker:
         return self._analyzers[name]
 
     def run_one(self) -> bool:
+        """Claim the next job (with queued first attempts of the same analyzer when it batches) and run it."""
         job = self.queue.claim()
         if job is None:
             return False
-        self.process(job)
+        jobs = [job]
+        if job.attempts == 1 and self.cfg.analyzers.batch_size > 1:
+            try:
+                analyzer: Analyzer | None = self.analyzer(job.analyzer)
+            except Exception:
+                analyzer = None  # process_batch reports it against the job
+            if analyzer is not None and analyzer.batchable:
+                jobs += self.queue.claim_batch(job.analyzer, min(self.cfg.analyzers.batch_size, analyzer.max_batch) - 1)
+        self.process_batch(jobs)
         return True
 
     def process(self, job: Job) -> None:
+        self.process_batch([job])
+
+    def process_batch(self, jobs: list[Job]) -> None:
+        """Run claimed jobs of one analyzer: select per study, analyze together, then per job encode and hand over.
+
+        Every job ends on its own: done (results in the outbox), not applicable, or failed
+        (re-queued or parked); one study's problem never settles another's.
+        """
+        t0 = time.monotonic()
+        ready: list[tuple[Job, Any, Any, Path]] = []
+        for job in jobs:
+            log.info("job_started", job=job.id, study_uid=job.study_uid, analyzer=job.analyzer, attempt=job.attempts,
+                     batch=len(jobs))
+            out_dir = self.store.results / str(job.id)
+            shutil.rmtree(out_dir, ignore_errors=True)
+            try:
+                analyzer = self.analyzer(job.analyzer)
+                study = self.store.load_study(job.study_uid)
+                inputs = analyzer.select(study)
+            except Exception as exc:
+                self._settle(job, exc, out_dir)
+                continue
+            ready.append((job, study, inputs, out_dir))
+        if not ready:
+            return
+        analyzer = self.analyzer(ready[0][0].analyzer)
+        t_an = time.monotonic()
+        try:
+            results = analyzer.analyze_batch([inputs for _, _, inputs, _ in ready])
+            if len(results) != len(ready):
+                raise RuntimeError(f"{analyzer.name}.analyze_batch returned {len(results)} results for {len(ready)} studies")
+        except Exception as exc:
+            results = [exc] * len(ready)
+        analyze_s = time.monotonic() - t_an
+        for (job, study, _, out_dir), result in zip(ready, results):
+            if isinstance(result, BaseException):
+                self._settle(job, result, out_dir)
+                continue
+            try:
+                n_objects = self._deliver(job, study, result, out_dir)
+            except Exception as exc:
+                self._settle(job, exc, out_dir)
+                continue
+            log.info("job_finished", job=job.id, study_uid=job.study_uid, analyzer=job.analyzer,
+                     objects=n_objects, analyze_seconds=round(analyze_s, 3), batch=len(ready),
+                     seconds=round(time.monotonic() - t0, 3), review_required=result.review_required)
+
+    def _deliver(self, job: Job, study: Any, result: Any, out_dir: Path) -> int:
+        """Encode a result, write its objects durably and hand them to the outbox as the job finishes; returns the object count."""
         from .encoders import encode_result
 
-        t0 = time.monotonic()
-        log.info("job_started", job=job.id, study_uid=job.study_uid, analyzer=job.analyzer, attempt=job.attempts)
-        out_dir = self.store.results / str(job.id)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        try:
-            analyzer = self.analyzer(job.analyzer)
-            study = self.store.load_study(job.study_uid)
-            t_an = time.monotonic()
-            result = run_analyzer(analyzer, study)
-            analyze_s = time.monotonic() - t_an
-            if self._ctx is None:
-                self._ctx = encoder_context(self.cfg)
-            if job.analyzer not in self._templates:
-                from .registry import template_for
+        if self._ctx is None:
+            self._ctx = encoder_context(self.cfg)
+        if job.analyzer not in self._templates:
+            from .registry import template_for
 
-                self._templates[job.analyzer] = template_for(job.analyzer, self.cfg)
-            datasets = encode_result(result, study, self._ctx, self._templates[job.analyzer])
-            rows = []
-            for ds in datasets:
-                path = out_dir / f"{ds.SOPInstanceUID}.dcm"
-                self.store.write_durably(path, _encode(ds))
-                for dest in job.destinations:
-                    rows.append({"study_uid": job.study_uid, "destination": dest, "sop_uid": str(ds.SOPInstanceUID),
-                                 "sop_class_uid": str(ds.SOPClassUID), "description": str(ds.get("SeriesDescription", "")),
-                                 "path": str(path)})
-            summary = result.summary()
-            summary["objects"] = len(datasets)
-            self.queue.finish(job.id, rows, summary)
-            log.info("job_finished", job=job.id, study_uid=job.study_uid, analyzer=job.analyzer, objects=len(datasets),
-                     analyze_seconds=round(analyze_s, 3), seconds=round(time.monotonic() - t0, 3),
-                     review_required=result.review_required)
-        except NotApplicable as exc:
+            self._templates[job.analyzer] = template_for(job.analyzer, self.cfg)
+        datasets = encode_result(result, study, self._ctx, self._templates[job.analyzer])
+        rows = []
+        for ds in datasets:
+            path = out_dir / f"{ds.SOPInstanceUID}.dcm"
+            self.store.write_durably(path, _encode(ds))
+            for dest in job.destinations:
+                rows.append({"study_uid": job.study_uid, "destination": dest, "sop_uid": str(ds.SOPInstanceUID),
+                             "sop_class_uid": str(ds.SOPClassUID), "description": str(ds.get("SeriesDescription", "")),
+                             "path": str(path)})
+        summary = result.summary()
+        summary["objects"] = len(datasets)
+        self.queue.finish(job.id, rows, summary)
+        return len(datasets)
+
+    def _settle(self, job: Job, exc: BaseException, out_dir: Path) -> None:
+        """A job that did not finish: not applicable, or a failure that is retried or parks."""
+        if isinstance(exc, NotApplicable):
             self.queue.not_applicable(job.id, f"not applicable: {exc}")
             log.info("job_not_applicable", job=job.id, study_uid=job.study_uid, analyzer=job.analyzer, reason=str(exc))
-        except Exception as exc:
-            shutil.rmtree(out_dir, ignore_errors=True)
-            error = f"{type(exc).__name__}: {exc}"
-            outcome = self.queue.fail(job.id, error)
-            log.error("job_failed", job=job.id, study_uid=job.study_uid, analyzer=job.analyzer, error=error,
-                      outcome=outcome, trace=traceback.format_exc(limit=5)[-1500:])
+            return
+        shutil.rmtree(out_dir, ignore_errors=True)
+        error = f"{type(exc).__name__}: {exc}"
+        outcome = self.queue.fail(job.id, error)
+        trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=5))
+        log.error("job_failed", job=job.id, study_uid=job.study_uid, analyzer=job.analyzer, error=error,
+                  outcome=outcome, trace=trace[-1500:])
 
 
 def _encode(ds) -> bytes:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar, Sequence
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import structlog
@@ -54,7 +54,8 @@ class ChestXrayThoracic(Analyzer):
     """
 
     name: ClassVar[str] = "chest_xray_thoracic"
-    version: ClassVar[str] = "1.0.0"
+    version: ClassVar[str] = "1.1.0"
+    batchable: ClassVar[bool] = True
     title: ClassVar[str] = "Chest radiograph: lungs, heart, cardiothoracic ratio and 14 thoracic findings"
     outputs: ClassVar[Outputs] = Outputs(
         findings={key: "boolean" for key in FINDING_KEYS.values()},
@@ -153,26 +154,61 @@ class ChestXrayThoracic(Analyzer):
         raise NotApplicable(first_reason or "no usable image")
 
     def analyze(self, inputs: Sequence[Series]) -> AnalysisResult:
-        if not inputs:
-            raise NotApplicable("no series given; this analyzer needs a frontal chest radiograph")
-        inst = self._frontal_instance(inputs[0])
-        prep = preprocess.prepare(inst.dataset)
-        src = SourceRef(inst.sop_instance_uid, 1)
-        self.load()
-        rows, cols = prep.display.shape
+        (out,) = self.analyze_batch([inputs])
+        if isinstance(out, Exception):
+            raise out
+        return out
 
-        seg_prob = self._seg(image=prep.net_input[None])["seg_prob"][0]  # (4, 224, 224)
+    def analyze_batch(self, batch: Sequence[Sequence[Series]]) -> list[AnalysisResult | Exception]:
+        """Several studies through the U-Net together, then through the classifier together.
+
+        Each study's own steps (reading, masks, findings, result) run per study, so a study that
+        cannot be analysed gives its exception in its place and the others go on.
+        """
+        out: list[AnalysisResult | Exception | None] = [None] * len(batch)
+        prepared = []
+        for k, inputs in enumerate(batch):
+            try:
+                if not inputs:
+                    raise NotApplicable("no series given; this analyzer needs a frontal chest radiograph")
+                inst = self._frontal_instance(inputs[0])
+                prepared.append((k, inst, preprocess.prepare(inst.dataset)))
+            except Exception as exc:
+                out[k] = exc
+        if prepared:
+            self.load()
+            stage = []
+            seg_probs = self._seg(image=np.stack([prep.net_input for _, _, prep in prepared]))["seg_prob"]
+            for (k, inst, prep), seg_prob in zip(prepared, seg_probs):
+                try:
+                    stage.append((k, inst, prep, seg_prob, *self._masks(prep, seg_prob)))
+                except Exception as exc:
+                    out[k] = exc
+            if stage:
+                cls_out = self._cls(image=np.stack([s[2].net_input for s in stage]), mask=np.concatenate([s[-1] for s in stage]))
+                for j, (k, inst, prep, _, full_prob, masks, area, _) in enumerate(stage):
+                    try:
+                        out[k] = self._result(inst, prep, full_prob, masks, area, cls_out["probability"][j], cls_out["evidence"][j])
+                    except Exception as exc:
+                        out[k] = exc
+        return [r if r is not None else AnalyzerError("no result") for r in out]
+
+    def _masks(self, prep: Any, seg_prob: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Full-size class probabilities, cleaned masks, their areas, and the classifier's lung/heart mask."""
+        rows, cols = prep.display.shape
         small = clean_masks(np.stack([seg_prob.argmax(0) == i + 1 for i in range(len(SEGMENTS))]))
         full_prob = np.stack([resize(p, (rows, cols), order=1) for p in seg_prob])
         masks = clean_masks(np.stack([full_prob.argmax(0) == i + 1 for i in range(len(SEGMENTS))]))
         area = masks.reshape(3, -1).mean(1)
         if area[0] + area[1] < 0.03:
             raise NotApplicable("no lung fields were found; the image does not look like a frontal chest radiograph")
-
         union = (small.any(0)).astype(np.float32)[None, None]
-        out = self._cls(image=prep.net_input[None], mask=union)
-        probs, evidence = out["probability"][0], out["evidence"][0]
+        return full_prob, masks, area, union
 
+    def _result(self, inst: Instance, prep: Any, full_prob: np.ndarray, masks: np.ndarray, area: np.ndarray,
+                probs: np.ndarray, evidence: np.ndarray) -> AnalysisResult:
+        src = SourceRef(inst.sop_instance_uid, 1)
+        rows, cols = prep.display.shape
         review: list[str] = []
         confidence = float(full_prob.max(0)[masks.any(0)].mean())
         if confidence < 0.8:

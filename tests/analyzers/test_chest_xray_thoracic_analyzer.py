@@ -239,3 +239,26 @@ def test_cli_analyze_writes_valid_objects(tmp_path):
     for f in files:
         rep = dciodvfy(f)
         assert not rep.errors, f"{f.name}: {rep.errors[:5]}"
+
+
+def test_a_batch_gives_each_study_its_own_result(analyzer, tmp_path):
+    """Studies analysed together come out as they do alone; one that cannot be analysed keeps its place."""
+    studies = [_study(f)[0] for f in phantom.write_phantoms(tmp_path, 3, seed=5701)]
+    rng = np.random.default_rng(5702)
+    blank = image_dataset(np.full((256, 256), 1000, np.uint16), patient=PhantomPatient.make(rng, "cxr", 4), modality="CR",
+                          attributes={"BodyPartExamined": "CHEST", "ViewPosition": "PA"})
+    inputs = [analyzer.select(s) for s in studies]
+    inputs.insert(1, analyzer.select(Study.from_datasets([blank])))
+    batch = analyzer.analyze_batch(inputs)
+    assert len(batch) == 4
+    assert isinstance(batch[1], NotApplicable)
+    for alone, together in zip([analyzer.analyze(i) for i in inputs[:1] + inputs[2:]], batch[:1] + batch[2:]):
+        assert not isinstance(together, Exception)
+        np.testing.assert_allclose([f.probability or 0 for f in together.findings], [f.probability or 0 for f in alone.findings], atol=1e-5)
+        assert [f.value for f in together.findings] == [f.value for f in alone.findings]
+        assert [m.value for m in together.measurements] == [m.value for m in alone.measurements]
+        np.testing.assert_array_equal(together.segmentations[0].masks, alone.segmentations[0].masks)
+        assert [h.key for h in together.heatmaps] == [h.key for h in alone.heatmaps]
+        for a, b in zip(alone.heatmaps, together.heatmaps):
+            np.testing.assert_allclose(b.data, a.data, atol=1e-4)
+    assert ChestXrayThoracic.batchable

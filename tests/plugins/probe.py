@@ -52,3 +52,30 @@ class IntensityProbe(Analyzer):
             heatmaps=[Heatmap("bright", "bright", img, src, label="Bright")],
             sources=[src],
         )
+
+
+class BatchProbe(IntensityProbe):
+    """The probe as an analyzer that batches: it records each batch it is given.
+
+    A series described as "FAIL" raises inside the batch, to show that only its own job fails.
+    """
+
+    name = "batch_probe"
+    title = "Intensity probe, batched (test analyzer)"
+    template_file = Path(__file__).with_name("batch_probe.yaml")
+    batchable = True
+    max_batch = 4
+
+    def __init__(self, settings=None) -> None:
+        super().__init__(settings)
+        self.batches: list[list[str]] = []
+
+    def analyze_batch(self, batch):
+        self.batches.append([str(inputs[0].first().StudyInstanceUID) for inputs in batch])
+        out = []
+        for inputs in batch:
+            if "FAIL" in inputs[0].description.upper():
+                out.append(ValueError("the probe was told to fail on this series"))
+            else:
+                out.append(self.analyze(inputs))
+        return out
