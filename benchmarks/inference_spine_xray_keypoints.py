@@ -5,8 +5,8 @@
 Prints one JSON line: ONNX Runtime providers, model load and warm-up seconds,
 and per-study wall-clock (median, p95, max) of ``select`` + ``analyze`` with
 the bundled weights, for cervical and lumbar studies together (DICOM decode,
-detector, three batched MC-dropout passes of T samples, each over the crops and
-their mirror images, mensuration and result building included), plus the share
+detector, four batched MC-dropout passes of T samples (vertebra, re-centred
+vertebra, body and corner crops), each over the crops and their mirror images, mensuration and result building included), plus the share
 spent in the ONNX sessions.
 """
 

@@ -159,6 +159,13 @@ def spine_networks(calls: list[Call]) -> list[Network]:
             body = M.BayeCBAMKeypointNet(width=width, hidden=int(body_entry.extra["hidden"]), p_drop=float(body_entry.extra["p_drop"]))
             body.load_state_dict(torch.load(WEIGHTS / f"keypoints_body_{region}.pt", map_location="cpu"))
             nets.append(Network(body_entry.name, body_entry.path, M.MCDropoutKeypoints(body).eval(), f"keypoints_body_{region}.pt (width {width})"))
+        corner_name = kp_entry.extra.get("corner_model")
+        if corner_name:  # the corner model: one point per corner patch
+            c_entry = RegistryEntry.load(WEIGHTS / f"{corner_name}.json")
+            corner = M.BayeCBAMKeypointNet(width=width, hidden=int(c_entry.extra["hidden"]), p_drop=float(c_entry.extra["p_drop"]),
+                                           pool=tuple(c_entry.extra["pool"]), n_points=int(c_entry.extra["n_points"]))
+            corner.load_state_dict(torch.load(WEIGHTS / f"keypoints_corner_{region}.pt", map_location="cpu"))
+            nets.append(Network(c_entry.name, c_entry.path, M.MCDropoutKeypoints(corner).eval(), f"keypoints_corner_{region}.pt (width {width})"))
     return attach(nets, calls)
 
 

@@ -106,7 +106,7 @@ class SpineXrayKeypoints(Analyzer):
     """
 
     name = "spine_xray_keypoints"
-    version = "1.1.0"
+    version = "1.2.0"
     title = "Lateral spine radiograph keypoints with uncertainty and mensuration (BayeRegX)"
     outputs = Outputs(
         measurements=MEASUREMENT_UNITS,
@@ -116,25 +116,33 @@ class SpineXrayKeypoints(Analyzer):
 
     def __init__(self, settings=None) -> None:
         super().__init__(settings)
-        self._sessions: dict[str, tuple[OnnxModel, OnnxModel, OnnxModel | None, RegistryEntry]] = {}
+        self._sessions: dict[str, tuple[OnnxModel, OnnxModel, OnnxModel | None, OnnxModel | None, RegistryEntry]] = {}
 
     # -- models ---------------------------------------------------------------
 
-    def _entries(self, region: str) -> tuple[RegistryEntry, RegistryEntry, RegistryEntry | None]:
+    def _entries(self, region: str) -> tuple[RegistryEntry, RegistryEntry, RegistryEntry | None, RegistryEntry | None]:
         det = resolve_entry(self.settings, f"spine_xray_detector_{region}", WEIGHTS / f"spine_xray_detector_{region}.json")
         kp = resolve_entry(self.settings, f"spine_xray_keypoints_{region}", WEIGHTS / f"spine_xray_keypoints_{region}.json")
         # the thresholds were calibrated with the body model the keypoint entry names, so it comes with
         # them: by default from the keypoint entry's own folder
         body_name = kp.extra.get("body_model")
         body = resolve_entry(self.settings, body_name, Path(kp.path).parent / f"{body_name}.json") if body_name else None
-        return det, kp, body
+        corner_name = kp.extra.get("corner_model") if body is not None else None
+        corner = resolve_entry(self.settings, corner_name, Path(kp.path).parent / f"{corner_name}.json") if corner_name else None
+        return det, kp, body, corner
 
-    def _models(self, region: str) -> tuple[OnnxModel, OnnxModel, OnnxModel | None, RegistryEntry]:
+    def _models(self, region: str) -> tuple[OnnxModel, OnnxModel, OnnxModel | None, OnnxModel | None, RegistryEntry]:
         if region not in self._sessions:
-            det, kp, body = self._entries(region)
+            det, kp, body, corner = self._entries(region)
             shape = tuple(kp.extra.get("crop_shape", preprocess.CROP_SHAPE))
             size = int(det.extra.get("input_size", preprocess.DETECTOR_SIZE))
             body_shape = tuple(body.extra.get("crop_shape", preprocess.BODY_CROP_SHAPE)) if body is not None else preprocess.BODY_CROP_SHAPE
+            corner_shape = tuple(corner.extra.get("crop_shape", preprocess.CORNER_SHAPE)) if corner is not None else preprocess.CORNER_SHAPE
+            if corner is not None and (corner_shape != preprocess.CORNER_SHAPE or float(corner.extra.get("corner_half", preprocess.CORNER_HALF)) != preprocess.CORNER_HALF):
+                raise AnalyzerError(
+                    f"the {region} corner model expects patches {corner_shape} of half-side {corner.extra.get('corner_half')}, this analyzer makes "
+                    f"{preprocess.CORNER_SHAPE} of {preprocess.CORNER_HALF}; train it with analyzers/spine_xray_keypoints/train.py --corner"
+                )
             if shape != preprocess.CROP_SHAPE or size != preprocess.DETECTOR_SIZE or body_shape != preprocess.BODY_CROP_SHAPE or "tau1_mm" not in kp.extra:
                 raise AnalyzerError(
                     f"models for the {region} spine expect crops {shape} (body crops {body_shape}) and detector input {size}, this analyzer makes "
@@ -142,7 +150,8 @@ class SpineXrayKeypoints(Analyzer):
                     "train them with analyzers/spine_xray_keypoints/train.py"
                 )
             body_model = OnnxModel(body, self.settings.device) if body is not None else None
-            self._sessions[region] = (OnnxModel(det, self.settings.device), OnnxModel(kp, self.settings.device), body_model, kp)
+            corner_model = OnnxModel(corner, self.settings.device) if corner is not None else None
+            self._sessions[region] = (OnnxModel(det, self.settings.device), OnnxModel(kp, self.settings.device), body_model, corner_model, kp)
         return self._sessions[region]
 
     def load(self) -> None:
@@ -241,7 +250,7 @@ class SpineXrayKeypoints(Analyzer):
         return result
 
     def _predict(self, img: np.ndarray, spacing: tuple[float, float], region: str, seed: int) -> tuple[list[inference.VertebraPrediction], RegistryEntry]:
-        det, kp, body, kp_entry = self._models(region)
+        det, kp, body, corner, kp_entry = self._models(region)
         extra = kp_entry.extra
         samples = int(self.settings.options.get("mc_samples", extra.get("mc_samples", 16)))
 
@@ -266,6 +275,7 @@ class SpineXrayKeypoints(Analyzer):
             samples=samples,
             seed=seed,
             body_fn=session_fn(body) if body is not None else None,
+            corner_fn=session_fn(corner) if corner is not None else None,
             flip=bool(extra.get("flip_test_time", False)),
         )
         return preds, kp_entry

@@ -14,7 +14,7 @@ import numpy as np
 from analyzers.base import UncertaintyClass
 
 from . import preprocess
-from .mensuration import LEVELS, N_POINTS_PER_VERTEBRA
+from .mensuration import LEVELS
 
 DetectorFn = Callable[[np.ndarray], np.ndarray]
 """(1, 1, S, S) image -> (1, 5 + classes, G, G) grid."""
@@ -119,25 +119,29 @@ def regress(
     shape: tuple[int, int] = preprocess.CROP_SHAPE,
     pad: float = preprocess.CROP_PAD,
     flip: bool = False,
+    exact: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]:
     """One batched MC pass over the crops of ``boxes``.
+
+    ``boxes`` are padded and widened to the crop's aspect, or with ``exact`` cropped as they
+    are (corner patches, which may run right to left or bottom to top).
 
     With ``flip`` every crop is also run mirrored (the keypoint order is anatomical,
     so only x mirrors back) and the mirrored samples join the MC samples: their mean
     enters the points, their spread the epistemic sigma. ``masks`` must then cover
     twice the crops.
 
-    Returns points (N, 5, 2) in pixels, aleatoric and epistemic sigma_p (N, 5) in mm,
-    and the crop boxes used.
+    Returns points (N, P, 2) in pixels (P points per crop, as the model gives), aleatoric
+    and epistemic sigma_p (N, P) in mm, and the crop boxes used.
     """
-    cboxes = [preprocess.crop_box(b, pad=pad, aspect=shape[0] / shape[1]) for b in boxes]
+    cboxes = list(boxes) if exact else [preprocess.crop_box(b, pad=pad, aspect=shape[0] / shape[1]) for b in boxes]
     crops = np.stack([preprocess.standardise(preprocess.crop(img, b, shape))[None] for b in cboxes])
     n = len(cboxes)
     if flip:
         crops = np.concatenate([crops, crops[..., ::-1]])
     k = len(crops)
     mean, logvar = keypoint_fn(np.ascontiguousarray(crops), masks[0][:, :k], masks[1][:, :k])
-    mean = np.asarray(mean, np.float64).reshape(mean.shape[0], k, N_POINTS_PER_VERTEBRA, 2)
+    mean = np.asarray(mean, np.float64).reshape(mean.shape[0], k, -1, 2)
     logvar = np.asarray(logvar, np.float64).reshape(mean.shape)
     if flip:
         mean[:, n:, :, 0] = 1.0 - mean[:, n:, :, 0]
@@ -168,6 +172,7 @@ def predict(
     refine: bool = True,
     body_fn: KeypointFn | None = None,
     flip: bool = False,
+    corner_fn: KeypointFn | None = None,
 ) -> list[VertebraPrediction]:
     """Vertebrae of ``region`` found in ``img`` with keypoints and sigma_p, top to bottom.
 
@@ -175,8 +180,10 @@ def predict(
     (the detector box is coarse at the detector's resolution). With ``body_fn`` (a
     keypoint model trained on vertebral-body crops) the four body corners and their
     sigma come from a last pass on a crop around the corners alone, at a finer
-    scale than the crop that also spans the spinous process. ``flip`` adds the
-    mirrored crop to every pass (test-time augmentation).
+    scale than the crop that also spans the spinous process. With ``corner_fn`` (a
+    one-point model trained on corner patches) each corner is then found again on a
+    patch around it (:func:`preprocess.corner_boxes`). ``flip`` adds the mirrored
+    crop to every pass (test-time augmentation).
     """
     labels = LEVELS[region]
     found = decode_detections(detector_fn(preprocess.detector_input(img)), img.shape, labels)
@@ -195,6 +202,20 @@ def predict(
         bp, ba, be, _ = regress(img, boxes3, spacing, body_fn, masks, preprocess.BODY_CROP_SHAPE, preprocess.BODY_CROP_PAD, flip=flip)
         points, sig_a, sig_e = points.copy(), sig_a.copy(), sig_e.copy()
         points[:, :4], sig_a[:, :4], sig_e[:, :4] = bp[:, :4], ba[:, :4], be[:, :4]
+    if corner_fn is not None:
+        # a last, closer look at each body corner: one patch per corner, one point per patch
+        boxes4 = [b for p in points for b in preprocess.corner_boxes(p)]
+        cmasks = mc_masks(rng, samples, (2 if flip else 1) * len(boxes4), hidden, p_drop)
+        cp, ca, ce, _ = regress(img, boxes4, spacing, corner_fn, cmasks, preprocess.CORNER_SHAPE, flip=flip, exact=True)
+        # a corner outside the image has no pixels to look at, and a body whose corners collapsed
+        # (cut off by the field edge) gives no patch orientation: those keep the body model's answer
+        inside = ((points[:, :4, 0] >= 0) & (points[:, :4, 0] < img.shape[1]) & (points[:, :4, 1] >= 0) & (points[:, :4, 1] < img.shape[0]))
+        shaped = np.array([(lambda d, h: d >= 0.4 * h and h >= 0.25 * d)(*preprocess.body_size(p)) for p in points])
+        inside &= shaped[:, None]
+        points, sig_a, sig_e = points.copy(), sig_a.copy(), sig_e.copy()
+        points[:, :4] = np.where(inside[..., None], cp[:, 0].reshape(-1, 4, 2), points[:, :4])
+        sig_a[:, :4] = np.where(inside, ca[:, 0].reshape(-1, 4), sig_a[:, :4])
+        sig_e[:, :4] = np.where(inside, ce[:, 0].reshape(-1, 4), sig_e[:, :4])
     out = []
     for i, k in enumerate(names):
         total = np.sqrt(sig_a[i] ** 2 + sig_e[i] ** 2)

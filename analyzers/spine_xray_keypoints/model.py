@@ -79,9 +79,14 @@ class BayeCBAMKeypointNet(nn.Module):
         Units of the fully connected layers.
     p_drop
         Dropout probability of both FC layers (also the MC-dropout rate).
+    pool
+        Grid of the last average pooling (rows, columns), matched to the crop's aspect.
+    n_points
+        Keypoints per crop: five for a vertebra (four body corners, spinous process), one for
+        a corner patch.
     """
 
-    def __init__(self, width: int = 12, hidden: int = 128, p_drop: float = 0.25, pool: tuple[int, int] = (4, 8)) -> None:
+    def __init__(self, width: int = 12, hidden: int = 128, p_drop: float = 0.25, pool: tuple[int, int] = (4, 8), n_points: int = N_POINTS) -> None:
         super().__init__()
         w = width
         # five 3x3 convolutions after an early stride-2 + pool stem, as AlexNet's large stride does
@@ -101,8 +106,9 @@ class BayeCBAMKeypointNet(nn.Module):
         self.hidden = hidden
         self.fc1 = nn.Linear(4 * w * pool[0] * pool[1], hidden)
         self.fc2 = nn.Linear(hidden, hidden)
-        self.mean_head = nn.Linear(hidden, 2 * N_POINTS)
-        self.logvar_head = nn.Linear(hidden, 2 * N_POINTS)
+        self.n_points = n_points
+        self.mean_head = nn.Linear(hidden, 2 * n_points)
+        self.logvar_head = nn.Linear(hidden, 2 * n_points)
 
     def forward(self, x: torch.Tensor, mask1: torch.Tensor | None = None, mask2: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, logvar) in crop fractions, ordered x1, y1, ... x5, y5.

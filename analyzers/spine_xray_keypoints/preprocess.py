@@ -21,6 +21,12 @@ BODY_CROP_SHAPE = (96, 128)
 """(rows, columns) of a vertebral-body crop (four corners, no spinous process): finer mm per pixel."""
 BODY_CROP_PAD = 0.15
 """Padding on each side of the body-corner box at inference."""
+CORNER_SHAPE = (64, 64)
+"""(rows, columns) of a corner patch: a square around one body corner."""
+CORNER_HALF = 0.25
+"""Half the side of a corner patch, as a fraction of the vertebral body's depth."""
+_H_PARTNER = (1, 0, 3, 2)  # the other corner of the same endplate
+_V_PARTNER = (3, 2, 1, 0)  # the other corner of the same wall
 
 
 def load_image(ds: "pydicom.Dataset") -> tuple[np.ndarray, tuple[float, float]]:
@@ -53,6 +59,35 @@ def tight_box(points: np.ndarray) -> np.ndarray:
 def body_box(points: np.ndarray) -> np.ndarray:
     """(c0, r0, c1, r1) around the four body corners of a vertebra's (5, 2) keypoints."""
     return tight_box(np.asarray(points)[:4])
+
+
+def body_size(points: np.ndarray) -> tuple[float, float]:
+    """Mean depth (along the endplates) and height (along the walls) of a vertebral body, in pixels."""
+    p = np.asarray(points, np.float64)
+    depth = 0.5 * (np.linalg.norm(p[1] - p[0]) + np.linalg.norm(p[2] - p[3]))
+    height = 0.5 * (np.linalg.norm(p[3] - p[0]) + np.linalg.norm(p[2] - p[1]))
+    return float(depth), float(height)
+
+
+def corner_boxes(points: np.ndarray, half: float = CORNER_HALF, centres: np.ndarray | None = None) -> list[np.ndarray]:
+    """Square patches around the four body corners of a vertebra's (5, 2) keypoints, one per corner.
+
+    Each box is oriented so that the vertebral body lies towards increasing columns and rows of
+    its patch (a box may run right to left or bottom to top; :func:`crop`, :func:`to_crop` and
+    :func:`from_crop` follow it), so every corner looks alike to the corner model: its body to
+    the lower right, the disc and the neighbouring vertebra above or to the left. ``centres``
+    (4, 2) moves the patches off the corners (training jitter).
+    """
+    p = np.asarray(points, np.float64)
+    depth, height = body_size(p)
+    r = half * max(depth, height, 1.0)
+    out = []
+    for k in range(4):
+        sx = 1.0 if p[_H_PARTNER[k], 0] >= p[k, 0] else -1.0
+        sy = 1.0 if p[_V_PARTNER[k], 1] >= p[k, 1] else -1.0
+        cx, cy = (p[k] if centres is None else centres[k])
+        out.append(np.array([cx - sx * r, cy - sy * r, cx + sx * r, cy + sy * r]))
+    return out
 
 
 def crop_box(box: np.ndarray, pad: float = CROP_PAD, aspect: float = CROP_SHAPE[0] / CROP_SHAPE[1]) -> np.ndarray:

@@ -43,6 +43,7 @@ REGION_CODE = {"cervical": 1, "lumbar": 2}
 VERSION = "1.0.0"
 CROPS_PER_VERTEBRA = 2
 MC_SAMPLES = 16
+CORNER_POOL = (4, 4)
 
 
 def _log(msg: str, **kw: Any) -> None:
@@ -174,6 +175,86 @@ def generate(region: str, n: int, split: int, workers: int, data_dir: Path | Non
     return out
 
 
+def _corner_sample(args: tuple[str, tuple[int, ...], int]) -> dict[str, np.ndarray]:
+    region, seed, k_crops = args
+    img, _, points, visible = _phantom_image(region, seed)
+    return _corner_samples_from(img, points, visible, region, np.random.default_rng([*seed, 98]), k_crops)
+
+
+def _corner_samples_from(img: np.ndarray, points: dict[str, np.ndarray], visible: dict[str, np.ndarray], region: str,
+                         rng: np.random.Generator, k_crops: int) -> dict[str, np.ndarray]:  # noqa: ARG001 (visible: same signature as _samples_from)
+    """Corner patches of the body corners, centred off the corner as the body model errs, with their targets.
+
+    Hidden corners (under metal or collimation, outside the image) are kept: their place is
+    known from the anatomy, not from the patch, so the aleatoric loss teaches the model a large
+    variance for them, as the whole-vertebra crops do.
+    """
+    crops, targets = [], []
+    for label in LEVELS[region]:
+        if label not in points:
+            continue
+        p = np.asarray(points[label], np.float64)
+        depth = max(preprocess.body_size(p))
+        for _ in range(k_crops):
+            centres = p[:4] + np.clip(rng.normal(0, 0.05 * depth, (4, 2)), -0.12 * depth, 0.12 * depth)
+            half = preprocess.CORNER_HALF * rng.uniform(0.85, 1.2)
+            for k, box in enumerate(preprocess.corner_boxes(p, half, centres)):
+                c = preprocess.crop(img, box, preprocess.CORNER_SHAPE)
+                if rng.random() < 0.2:
+                    c = _occlude(c, rng)
+                if rng.random() < 0.3:
+                    c = preprocess.clahe(c, tiles=(2, 2), clip=rng.uniform(1.5, 4.0))
+                crops.append(preprocess.standardise(c).astype(np.float16))
+                targets.append(preprocess.to_crop(p[k], box).astype(np.float32).reshape(-1))
+    return {"crops": np.array(crops, np.float16).reshape(-1, *preprocess.CORNER_SHAPE),
+            "targets": np.array(targets, np.float32).reshape(-1, 2)}
+
+
+def _occlude(c: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Cover the patch centre (where the corner is) with a flat block: metal, collimation or a cut-off field.
+
+    The target stays where the anatomy puts it, so the aleatoric loss learns a large variance
+    for a corner the patch does not show.
+    """
+    rows, cols = c.shape
+    h, w = int(rows * rng.uniform(0.4, 1.0)), int(cols * rng.uniform(0.4, 1.0))
+    r0 = int(rng.integers(max(0, rows // 2 - h + 4), min(rows - h, rows // 2 - 4) + 1))
+    c0 = int(rng.integers(max(0, cols // 2 - w + 4), min(cols - w, cols // 2 - 4) + 1))
+    out = c.copy()
+    lo, hi = float(c.min()), float(c.max())
+    out[r0 : r0 + h, c0 : c0 + w] = rng.choice([hi + 0.5 * (hi - lo), hi, lo]) + rng.normal(0, 0.01 * (hi - lo + 1e-6), (h, w))
+    return out
+
+
+def generate_corners(region: str, n: int, split: int, workers: int, data_dir: Path | None = None, cache: Path | None = None) -> dict[str, np.ndarray]:
+    """Corner-patch training samples for ``region`` (the corner model's data)."""
+    t0 = time.time()
+    cached = cache / f"{region}_{split}_{n}_corners.npz" if cache is not None and data_dir is None else None
+    if cached is not None and cached.is_file():
+        z = np.load(cached)
+        _log("data from cache", path=str(cached))
+        return {"crops": z["crops"], "targets": z["targets"]}
+    if data_dir is not None:
+        items = []
+        for i, folder in enumerate(sorted(p for p in Path(data_dir).iterdir() if (p / "truth.json").is_file())):
+            reg, img, _, pts, vis = _load_annotated(folder)
+            if reg == region:
+                items.append(_corner_samples_from(img, pts, vis, region, np.random.default_rng([split, i, 98]), CROPS_PER_VERTEBRA))
+    else:
+        jobs = [(region, (REGION_CODE[region], split, i), CROPS_PER_VERTEBRA) for i in range(n)]
+        if workers > 1:
+            with mp.get_context("fork").Pool(workers) as pool:
+                items = pool.map(_corner_sample, jobs, chunksize=8)
+        else:
+            items = [_corner_sample(j) for j in jobs]
+    out = {"crops": np.concatenate([it["crops"] for it in items]), "targets": np.concatenate([it["targets"] for it in items])}
+    _log("corner data", region=region, images=len(items), patches=len(out["crops"]), seconds=round(time.time() - t0, 1))
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(cached, **out)
+    return out
+
+
 # ---------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------
@@ -250,11 +331,15 @@ def train_keypoints(
     seed: int = 0,
     lr: float = 1.5e-3,
     warm: int | None = None,
+    n_points: int = 5,
+    pool: tuple[int, int] = (4, 8),
 ) -> BayeCBAMKeypointNet:
     torch.manual_seed(seed)
-    net = BayeCBAMKeypointNet(width=width, hidden=hidden).to(device)
+    net = BayeCBAMKeypointNet(width=width, hidden=hidden, pool=pool, n_points=n_points).to(device)
     if init is not None:
-        net.load_state_dict(init.state_dict())
+        # everything whose shape matches (a corner model starts from the body model's features)
+        own = net.state_dict()
+        net.load_state_dict({**own, **{k: v for k, v in init.state_dict().items() if k in own and own[k].shape == v.shape}})
     crops = torch.from_numpy(data["crops"]).to(device)
     targets = torch.from_numpy(data["targets"]).to(device)
     n = len(crops)
@@ -265,8 +350,8 @@ def train_keypoints(
     # the mean head learns with MSE first; the aleatoric loss then adds the variance head
     if warm is None:
         warm = max(1, epochs // 5) if init is None else 0
-    xsign = torch.tensor([-1.0, 1.0] * 5, device=device)
-    xoff = torch.tensor([1.0, 0.0] * 5, device=device)
+    xsign = torch.tensor([-1.0, 1.0] * n_points, device=device)
+    xoff = torch.tensor([1.0, 0.0] * n_points, device=device)
     g = torch.Generator(device="cpu").manual_seed(seed)
     for ep in range(epochs):
         net.train()
@@ -349,12 +434,13 @@ def onnx_functions(det_path: Path, kp_path: Path) -> tuple[inference.DetectorFn,
     return det_fn, _kp_session(kp_path)
 
 
-def _predict_one(args: tuple[str, tuple[int, ...], str, str, str | None, int, float, float, float, bool]) -> tuple[evaluation.StudyRecord, list[tuple[float, float, bool]]]:
-    region, seed, det_path, kp_path, body_path, hidden, p_drop, tau1, tau2, flip = args
+def _predict_one(args: tuple[str, tuple[int, ...], str, str, str | None, int, float, float, float, bool, str | None]) -> tuple[evaluation.StudyRecord, list[tuple[float, float, bool]]]:
+    region, seed, det_path, kp_path, body_path, hidden, p_drop, tau1, tau2, flip, corner_path = args
     det_fn, kp_fn = onnx_functions(Path(det_path), Path(kp_path))
     body_fn = _kp_session(Path(body_path)) if body_path else None
+    corner_fn = _kp_session(Path(corner_path)) if corner_path else None
     img, spacing, points, visible = _phantom_image(region, seed)
-    preds = inference.predict(img, spacing, region, det_fn, kp_fn, hidden, p_drop, samples=MC_SAMPLES, seed=0, body_fn=body_fn, flip=flip)
+    preds = inference.predict(img, spacing, region, det_fn, kp_fn, hidden, p_drop, samples=MC_SAMPLES, seed=0, body_fn=body_fn, flip=flip, corner_fn=corner_fn)
     rec = evaluation.StudyRecord(
         region=region,
         spacing=spacing,
@@ -391,9 +477,11 @@ def run_eval(
     workers: int,
     body_path: Path | None = None,
     flip: bool = False,
+    corner_path: Path | None = None,
 ) -> tuple[list[evaluation.StudyRecord], list[tuple[float, float, bool]]]:
     body = str(body_path) if body_path is not None else None
-    jobs = [(region, (REGION_CODE[region], split, i), str(det_path), str(kp_path), body, hidden, p_drop, tau[0], tau[1], flip) for i in range(n)]
+    corner = str(corner_path) if corner_path is not None else None
+    jobs = [(region, (REGION_CODE[region], split, i), str(det_path), str(kp_path), body, hidden, p_drop, tau[0], tau[1], flip, corner) for i in range(n)]
     if workers > 1:
         with mp.get_context("fork").Pool(workers) as pool:
             res = pool.map(_predict_one, jobs, chunksize=4)
@@ -438,6 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-split", type=int, default=1, help="seed split of the training phantoms (region, split, i); not 2 or 3")
     ap.add_argument("--cache", type=Path, default=None, help="folder to keep generated training data between runs")
     ap.add_argument("--body", action="store_true", help="train only the vertebral-body keypoint models (from the wide keypoint models or earlier body ones); detector and wide models stay")
+    ap.add_argument("--corner", action="store_true", help="train only the corner models (one point per corner patch, from the body models)")
     ap.add_argument("--detector", action="store_true", help="train only the detectors (from --init or --out); the keypoint models stay")
     ap.add_argument("--no-flip", action="store_true", help="no mirrored crops at test time (by default each crop also runs mirrored)")
     ap.add_argument("--version", default=VERSION, help="version written to the registry files")
@@ -459,19 +548,34 @@ def main(argv: list[str] | None = None) -> int:
         det_path, kp_path = args.out / f"detector_{region}.onnx", args.out / f"keypoints_{region}.onnx"
         body_path = args.out / f"keypoints_body_{region}.onnx"
         body: BayeCBAMKeypointNet | None = None
-        if args.body or args.detector:
-            # only the named parts train (the vertebral-body keypoint model, the detector); the rest stays as it is
+        corner_path = args.out / f"keypoints_corner_{region}.onnx"
+        corner: BayeCBAMKeypointNet | None = None
+        if args.body or args.detector or args.corner:
+            # only the named parts train (body or corner keypoint model, detector); the rest stays as it is
             src = args.init if args.init is not None else args.out
             det, kp = _load_nets(src, region, args.width, args.hidden)
             body_init = src / f"keypoints_body_{region}.pt"
             if args.body or body_init.is_file():
                 body = BayeCBAMKeypointNet(width=args.width, hidden=args.hidden)
                 body.load_state_dict(torch.load(body_init if body_init.is_file() else src / f"keypoints_{region}.pt"))
+            corner_init = src / f"keypoints_corner_{region}.pt"
+            if args.corner or corner_init.is_file():
+                corner = BayeCBAMKeypointNet(width=args.width, hidden=args.hidden, pool=CORNER_POOL, n_points=1)
+                if corner_init.is_file():
+                    corner.load_state_dict(torch.load(corner_init))
             if src.resolve() != args.out.resolve():
                 for name in (f"detector_{region}", f"keypoints_{region}"):
                     for ext in ("onnx", "pt"):
                         shutil.copy2(src / f"{name}.{ext}", args.out / f"{name}.{ext}")
-            if not args.skip_train:
+            if not args.skip_train and args.corner:
+                assert corner is not None and body is not None
+                cdata = generate_corners(region, args.images, args.train_split, args.workers, args.data, args.cache)
+                start = corner if corner_init.is_file() else body  # a new corner model starts from the body model's features
+                corner = train_keypoints(cdata, kp_epochs, args.device, args.width, args.hidden, init=start, seed=REGION_CODE[region],
+                                         lr=1.5e-3 * args.lr_scale, warm=0 if corner_init.is_file() else max(1, kp_epochs // 6),
+                                         n_points=1, pool=CORNER_POOL)
+                del cdata
+            if not args.skip_train and (args.body or args.detector):
                 data = generate(region, args.images, args.train_split, args.workers, args.data, args.cache)
                 if args.detector:
                     det = train_detector(data, len(LEVELS[region]), max(1, round(args.det_epochs * frac)), args.device, init=det, seed=REGION_CODE[region], lr=2e-3 * args.lr_scale)
@@ -502,14 +606,18 @@ def main(argv: list[str] | None = None) -> int:
         if body is not None:
             export_keypoints(body, body_path, preprocess.BODY_CROP_SHAPE)
             torch.save(body.state_dict(), args.out / f"keypoints_body_{region}.pt")
+        if corner is not None:
+            export_keypoints(corner, corner_path, preprocess.CORNER_SHAPE)
+            torch.save(corner.state_dict(), args.out / f"keypoints_corner_{region}.pt")
         use_body = body_path if body_path.is_file() else None
-        _, pairs = run_eval(region, 2, args.val, det_path, kp_path, args.hidden, kp.p_drop, (0.0, 0.0), args.workers, use_body, not args.no_flip)
+        use_corner = corner_path if corner_path.is_file() and use_body is not None else None
+        _, pairs = run_eval(region, 2, args.val, det_path, kp_path, args.hidden, kp.p_drop, (0.0, 0.0), args.workers, use_body, not args.no_flip, use_corner)
         if not pairs:
             raise SystemExit(f"no {region} vertebra was found in the validation phantoms; train longer or on more images")
         s, e, vis = np.array(pairs, dtype=np.float64).T
         tau1, tau2 = inference.calibrate(s, e, invisible_sigma=s[vis < 0.5])
         _log("calibrated", region=region, tau1=round(tau1, 4), tau2=round(tau2, 4))
-        records, _ = run_eval(region, 3, args.test, det_path, kp_path, args.hidden, kp.p_drop, (tau1, tau2), args.workers, use_body, not args.no_flip)
+        records, _ = run_eval(region, 3, args.test, det_path, kp_path, args.hidden, kp.p_drop, (tau1, tau2), args.workers, use_body, not args.no_flip, use_corner)
         m = evaluation.score(records)
         m["version"] = args.version
         m["tau1_mm"], m["tau2_mm"] = tau1, tau2
@@ -534,6 +642,7 @@ def main(argv: list[str] | None = None) -> int:
                 "calibration": "tau1: sigma_p below which the 95th-percentile error first exceeds 1.5 mm; tau2: likewise 2 mm for [tau1, tau2); tau2 lowered so 90% of invisible validation points are highly uncertain; validation phantoms (region, 2, i)",
                 "init": "cervical keypoint model" if region == "lumbar" else "random",
                 **({"body_model": f"spine_xray_keypoints_body_{region}"} if use_body is not None else {}),
+                **({"corner_model": f"spine_xray_keypoints_corner_{region}"} if use_corner is not None else {}),
             },
             args.version,
         )
@@ -550,6 +659,24 @@ def main(argv: list[str] | None = None) -> int:
                     "p_drop": kp.p_drop,
                     "points": "the four body corners replace the wide crop's; its spinous-process output is not used",
                     "init": f"{region} keypoint model",
+                },
+                args.version,
+            )
+        if use_corner is not None:
+            _entry(
+                f"spine_xray_keypoints_corner_{region}",
+                corner_path,
+                args.out,
+                {
+                    "region": region,
+                    "crop_shape": list(preprocess.CORNER_SHAPE),
+                    "corner_half": preprocess.CORNER_HALF,
+                    "hidden": args.hidden,
+                    "p_drop": kp.p_drop,
+                    "n_points": 1,
+                    "pool": list(CORNER_POOL),
+                    "points": "each body corner again, on a patch around it oriented so the body lies to its lower right",
+                    "init": f"{region} body keypoint model",
                 },
                 args.version,
             )

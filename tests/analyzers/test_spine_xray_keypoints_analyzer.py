@@ -70,7 +70,7 @@ def test_result_follows_the_conventions(analyzer: SpineXrayKeypoints, tmp_path: 
     for folder in SpineXrayKeypoints.write_phantoms(tmp_path, 2, FRESH_SEED):
         result, truth = _run(analyzer, folder)
         labels = LEVELS[truth["region"]]
-        assert result.not_for_clinical_use and len(result.models) == 6  # detector, keypoints, body keypoints per region
+        assert result.not_for_clinical_use and len(result.models) == 8  # detector, keypoints, body and corner keypoints per region
         assert [s.sop_instance_uid for s in result.sources] == [truth["sop_instance_uid"]]
         groups = {r.group for r in result.regions}
         for item in [*result.measurements, *result.findings]:

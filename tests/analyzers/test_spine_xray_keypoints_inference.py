@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 
 from analyzers.base import UncertaintyClass
 from analyzers.spine_xray_keypoints import inference, preprocess
@@ -152,3 +153,27 @@ def test_calibration_lowers_tau2_until_hidden_points_are_highly_uncertain() -> N
     tau1, tau2 = inference.calibrate(sigma, error, invisible_sigma=hidden)
     assert tau2 < plain[1] and tau1 <= tau2
     assert np.mean(hidden >= tau2) >= 0.9
+
+
+@pytest.mark.parametrize("face", [1.0, -1.0])
+def test_corner_patches_put_the_body_to_the_lower_right(face: float) -> None:
+    """Whichever way the spine faces, each corner's patch shows its body below and right of the corner."""
+    # anterior-superior, posterior-superior, posterior-inferior, anterior-inferior, spinous process
+    pts = np.array([[0.0, 0.0], [40.0, 2.0], [40.0, 30.0], [0.0, 28.0], [70.0, 15.0]])
+    pts[:, 0] = 200 + face * pts[:, 0]
+    pts[:, 1] += 100
+    centre = pts[:4].mean(0)
+    boxes = preprocess.corner_boxes(pts)
+    assert len(boxes) == 4
+    for k, box in enumerate(boxes):
+        corner = preprocess.to_crop(pts[k], box)
+        np.testing.assert_allclose(corner, [0.5, 0.5], atol=1e-9)
+        body = preprocess.to_crop(centre, box)
+        assert body[0] > 0.5 and body[1] > 0.5
+        np.testing.assert_allclose(abs(box[2] - box[0]), 2 * preprocess.CORNER_HALF * 40.0, rtol=0.01)
+        np.testing.assert_allclose(preprocess.from_crop(corner, box), pts[k])
+    # cropping follows the box's direction: the patch of a mirrored image is the same patch
+    img = np.random.default_rng(0).random((300, 400))
+    a = preprocess.crop(img, boxes[0], preprocess.CORNER_SHAPE)
+    b = preprocess.crop(img[:, ::-1].copy(), np.array([400 - boxes[0][0], boxes[0][1], 400 - boxes[0][2], boxes[0][3]]), preprocess.CORNER_SHAPE)
+    np.testing.assert_allclose(a, b, atol=1e-6)

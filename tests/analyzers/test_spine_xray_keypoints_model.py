@@ -28,7 +28,7 @@ def _keypoint_parity(net: BayeCBAMKeypointNet, path: Path, shape: tuple[int, int
     with torch.no_grad():
         mean, logvar = net.eval()(torch.from_numpy(crops), torch.from_numpy(m1), torch.from_numpy(m2))
     got_mean, got_logvar = _session(path).run(["mean", "logvar"], {"crops": crops, "mask1": m1, "mask2": m2})
-    assert got_mean.shape == (4, 3, 10)
+    assert got_mean.shape == (4, 3, 2 * net.n_points)
     np.testing.assert_allclose(got_mean, mean.numpy(), atol=1e-4)
     np.testing.assert_allclose(got_logvar, logvar.numpy(), atol=1e-4)
     # different masks give different samples: MC dropout lives in the graph
@@ -54,16 +54,20 @@ def test_exported_detector_matches_torch(tmp_path: Path) -> None:
     np.testing.assert_allclose(got, want, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["keypoints_cervical", "keypoints_lumbar", "keypoints_body_cervical", "keypoints_body_lumbar"])
+@pytest.mark.parametrize("name", ["keypoints_cervical", "keypoints_lumbar", "keypoints_body_cervical", "keypoints_body_lumbar",
+                                  "keypoints_corner_cervical", "keypoints_corner_lumbar"])
 def test_bundled_keypoint_weights_match_their_torch_state(name: str) -> None:
     pt = WEIGHTS / f"{name}.pt"
     if not pt.is_file():
         pytest.skip(f"no bundled torch state for {name}")
     state = torch.load(pt)
     width = state["features.0.0.weight"].shape[0]
-    net = BayeCBAMKeypointNet(width=width, hidden=state["fc1.weight"].shape[0])
+    cells = state["fc1.weight"].shape[1] // (4 * width)  # the last pooling grid, 4 rows
+    net = BayeCBAMKeypointNet(width=width, hidden=state["fc1.weight"].shape[0], pool=(4, cells // 4),
+                              n_points=state["mean_head.weight"].shape[0] // 2)
     net.load_state_dict(state)
-    _keypoint_parity(net, WEIGHTS / f"{name}.onnx", preprocess.BODY_CROP_SHAPE if "body" in name else preprocess.CROP_SHAPE)
+    shape = {"body": preprocess.BODY_CROP_SHAPE, "corner": preprocess.CORNER_SHAPE}.get(name.split("_")[1], preprocess.CROP_SHAPE)
+    _keypoint_parity(net, WEIGHTS / f"{name}.onnx", shape)
 
 
 def test_aleatoric_loss_prefers_honest_variance() -> None:
