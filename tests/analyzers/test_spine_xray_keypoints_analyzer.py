@@ -120,20 +120,16 @@ def _check_against_record(m: dict, region: str, slack_scale: float) -> None:
         assert ok, f"{region} {key}: fresh {fresh:.3f}, held-out {recorded:.3f}, target {op} {bound}"
 
 
-@pytest.mark.slow
 def test_bundled_weights_on_fresh_phantoms(analyzer: SpineXrayKeypoints, tmp_path: Path) -> None:
-    """Fresh phantoms reproduce the held-out figures of metrics.json.
-
-    Slow suite: while the weights miss the issue's targets, the figures of 10 studies per region
-    (lumbar: about 2 studies under 2 mm, a handful of invisible points) are too noisy to compare
-    with the record; phantoms are reproducible per seed, so it fails the same way every time.
+    """Fresh phantoms (seeds never used in training or evaluation) meet the issue's targets.
 
     Targets the bundled weights meet on the held-out set are asserted as the issue states
-    them; for targets they miss (listed in metrics.json and the model card) the fresh
-    figure must not be worse than the recorded one by more than small-sample noise.
+    them, with room for the noise of 20 studies per region; for a target they miss (listed in
+    metrics.json and the model card) the fresh figure must not be worse than the recorded one.
+    ``-m slow`` repeats this on 80 studies per region.
     """
     for offset, region in enumerate(("cervical", "lumbar")):
-        m = _evaluate(analyzer, tmp_path / region, 10, FRESH_SEED + 1 + offset, region)
+        m = _evaluate(analyzer, tmp_path / region, 20, FRESH_SEED + 1 + offset, region)
         _check_against_record(m, region, 1.0)
 
 
