@@ -88,3 +88,34 @@ def test_batch_size_one_and_plain_analyzers_run_one_job_at_a_time(worker_and_stu
         pass
     assert all(len(b) == 1 for b in w.analyzer("batch_probe").batches)
     assert sum(s == "done" for s in _states(w).values()) == 5
+
+
+def test_chest_studies_queued_together_are_analysed_in_one_batch(tmp_path):
+    """The bundled chest analyzer batches: three studies, one batch, three sets of result objects."""
+    pytest.importorskip("onnxruntime")
+    from analyzers.chest_xray_thoracic import phantom
+
+    cfg = Config.model_validate({
+        "storage": {"data_dir": str(tmp_path / "data")},
+        "analyzers": {"device": "cpu", "batch_size": 8,
+                      "settings": {name: {"enabled": False} for name in BUNDLED if name != "chest_xray_thoracic"}},
+    })
+    w = Worker(cfg)
+    studies = []
+    for folder in phantom.write_phantoms(tmp_path / "ph", 3, seed=5801):
+        path = next(folder.glob("*.dcm"))
+        ds = pydicom.dcmread(path)
+        spool = w.store.spool_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+        size = w.store.write_durably(spool, path.read_bytes())
+        w.store.index_instance(record_from(ds, spool, size))
+        studies.append(str(ds.StudyInstanceUID))
+        w.queue.enqueue(studies[-1], "chest_xray_thoracic", None, ["PACS"], [])
+    analyzer = w.analyzer("chest_xray_thoracic")
+    calls = []
+    original = analyzer.analyze_batch
+    analyzer.analyze_batch = lambda batch: calls.append(len(batch)) or original(batch)
+    assert w.run_one() and not w.run_one()
+    assert calls == [3]
+    assert set(_states(w).values()) == {"done"}
+    per_study = dict(w.store.db.execute("SELECT study_uid, COUNT(*) FROM outbox GROUP BY study_uid").fetchall())
+    assert set(per_study) == set(studies) and min(per_study.values()) >= 2  # SR and SEG at least
