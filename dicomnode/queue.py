@@ -69,7 +69,6 @@ class JobQueue:
         return job_id
 
     def claim(self, analyzers: list[str] | None = None) -> Job | None:
-        worker = f"{socket.gethostname()}:{os.getpid()}"
         now = time.time()
         where = ""
         args: list[Any] = [now]
@@ -82,10 +81,8 @@ class JobQueue:
             ).fetchone()
             if row is None:
                 return None
-            db.execute("UPDATE jobs SET state='running', started_at=?, worker=?, attempts=attempts+1, error=NULL WHERE id=?",
-                       (now, worker, row["id"]))
-            full = db.execute("SELECT * FROM jobs WHERE id=?", (row["id"],)).fetchone()
-        return Job.from_row(full)
+            (job,) = self._start(db, [row["id"]], now)
+        return job
 
     def claim_batch(self, analyzer: str, limit: int) -> list[Job]:
         """Up to ``limit`` more queued jobs of ``analyzer`` to run with one already claimed.
@@ -95,17 +92,21 @@ class JobQueue:
         """
         if limit < 1:
             return []
-        worker = f"{socket.gethostname()}:{os.getpid()}"
         now = time.time()
         with self.store.transaction() as db:
             ids = [r["id"] for r in db.execute(
                 "SELECT id FROM jobs WHERE state='queued' AND analyzer=? AND attempts=0 AND not_before<=? ORDER BY priority, id LIMIT ?",
                 (analyzer, now, limit))]
-            for job_id in ids:
-                db.execute("UPDATE jobs SET state='running', started_at=?, worker=?, attempts=attempts+1, error=NULL WHERE id=?",
-                           (now, worker, job_id))
-            rows = [db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone() for job_id in ids]
-        return [Job.from_row(r) for r in rows]
+            return self._start(db, ids, now)
+
+    @staticmethod
+    def _start(db: Any, ids: list[int], now: float) -> list[Job]:
+        """Mark queued jobs running for this worker (counting the attempt), inside the caller's transaction."""
+        worker = f"{socket.gethostname()}:{os.getpid()}"
+        for job_id in ids:
+            db.execute("UPDATE jobs SET state='running', started_at=?, worker=?, attempts=attempts+1, error=NULL WHERE id=?",
+                       (now, worker, job_id))
+        return [Job.from_row(db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()) for job_id in ids]
 
     def finish(self, job_id: int, outbox_rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
         """Mark done and hand the result objects to the outbox in one transaction."""

@@ -210,8 +210,8 @@ def predict(
         # a corner outside the image has no pixels to look at, and a body whose corners collapsed
         # (cut off by the field edge) gives no patch orientation: those keep the body model's answer
         inside = ((points[:, :4, 0] >= 0) & (points[:, :4, 0] < img.shape[1]) & (points[:, :4, 1] >= 0) & (points[:, :4, 1] < img.shape[0]))
-        shaped = np.array([(lambda d, h: d >= 0.4 * h and h >= 0.25 * d)(*preprocess.body_size(p)) for p in points])
-        inside &= shaped[:, None]
+        depth, height = np.array([preprocess.body_size(p) for p in points]).T
+        inside &= ((depth >= 0.4 * height) & (height >= 0.25 * depth))[:, None]
         points, sig_a, sig_e = points.copy(), sig_a.copy(), sig_e.copy()
         points[:, :4] = np.where(inside[..., None], cp[:, 0].reshape(-1, 4, 2), points[:, :4])
         sig_a[:, :4] = np.where(inside, ca[:, 0].reshape(-1, 4), sig_a[:, :4])

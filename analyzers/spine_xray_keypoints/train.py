@@ -25,7 +25,7 @@ import multiprocessing as mp
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -135,6 +135,24 @@ def _load_annotated(folder: Path) -> tuple[str, np.ndarray, tuple[float, float],
     return truth["region"], img, spacing, pts, vis
 
 
+def _collect(region: str, n: int, split: int, workers: int, data_dir: Path | None, from_image: Callable[..., dict[str, Any]],
+             from_phantom: Callable[[tuple[str, tuple[int, ...], int]], dict[str, Any]], salt: tuple[int, ...] = ()) -> list[dict[str, Any]]:
+    """Per-image samples: ``from_image`` on the annotated studies of ``data_dir`` (seeded (split, i, *salt)),
+    else ``from_phantom`` on ``n`` phantoms of the split, over ``workers`` processes."""
+    if data_dir is not None:
+        items = []
+        for i, folder in enumerate(sorted(p for p in Path(data_dir).iterdir() if (p / "truth.json").is_file())):
+            reg, img, _, pts, vis = _load_annotated(folder)
+            if reg == region:
+                items.append(from_image(img, pts, vis, region, np.random.default_rng([split, i, *salt]), CROPS_PER_VERTEBRA))
+        return items
+    jobs = [(region, (REGION_CODE[region], split, i), CROPS_PER_VERTEBRA) for i in range(n)]
+    if workers > 1:
+        with mp.get_context("fork").Pool(workers) as pool:
+            return pool.map(from_phantom, jobs, chunksize=8)
+    return [from_phantom(j) for j in jobs]
+
+
 def generate(region: str, n: int, split: int, workers: int, data_dir: Path | None = None, cache: Path | None = None) -> dict[str, Any]:
     """Training samples for ``region``: detector images with boxes, and augmented vertebra crops."""
     t0 = time.time()
@@ -144,19 +162,7 @@ def generate(region: str, n: int, split: int, workers: int, data_dir: Path | Non
         z = np.load(cached, allow_pickle=True)
         _log("data from cache", path=str(cached))
         return {"boxes": list(z["boxes"]), **{k: z[k] for k in keys}}
-    if data_dir is not None:
-        items = []
-        for i, folder in enumerate(sorted(p for p in Path(data_dir).iterdir() if (p / "truth.json").is_file())):
-            reg, img, _, pts, vis = _load_annotated(folder)
-            if reg == region:
-                items.append(_samples_from(img, pts, vis, region, np.random.default_rng([split, i]), CROPS_PER_VERTEBRA))
-    else:
-        jobs = [(region, (REGION_CODE[region], split, i), CROPS_PER_VERTEBRA) for i in range(n)]
-        if workers > 1:
-            with mp.get_context("fork").Pool(workers) as pool:
-                items = pool.map(_sample, jobs, chunksize=8)
-        else:
-            items = [_sample(j) for j in jobs]
+    items = _collect(region, n, split, workers, data_dir, _samples_from, _sample)
     out = {
         "det": np.stack([it["det"] for it in items]),
         "boxes": [it["boxes"] for it in items],
@@ -182,7 +188,7 @@ def _corner_sample(args: tuple[str, tuple[int, ...], int]) -> dict[str, np.ndarr
 
 
 def _corner_samples_from(img: np.ndarray, points: dict[str, np.ndarray], visible: dict[str, np.ndarray], region: str,
-                         rng: np.random.Generator, k_crops: int) -> dict[str, np.ndarray]:  # noqa: ARG001 (visible: same signature as _samples_from)
+                         rng: np.random.Generator, k_crops: int) -> dict[str, np.ndarray]:  # noqa: ARG001 (visible: the signature _collect calls)
     """Corner patches of the body corners, centred off the corner as the body model errs, with their targets.
 
     Hidden corners (under metal or collimation, outside the image) are kept: their place is
@@ -234,19 +240,7 @@ def generate_corners(region: str, n: int, split: int, workers: int, data_dir: Pa
         z = np.load(cached)
         _log("data from cache", path=str(cached))
         return {"crops": z["crops"], "targets": z["targets"]}
-    if data_dir is not None:
-        items = []
-        for i, folder in enumerate(sorted(p for p in Path(data_dir).iterdir() if (p / "truth.json").is_file())):
-            reg, img, _, pts, vis = _load_annotated(folder)
-            if reg == region:
-                items.append(_corner_samples_from(img, pts, vis, region, np.random.default_rng([split, i, 98]), CROPS_PER_VERTEBRA))
-    else:
-        jobs = [(region, (REGION_CODE[region], split, i), CROPS_PER_VERTEBRA) for i in range(n)]
-        if workers > 1:
-            with mp.get_context("fork").Pool(workers) as pool:
-                items = pool.map(_corner_sample, jobs, chunksize=8)
-        else:
-            items = [_corner_sample(j) for j in jobs]
+    items = _collect(region, n, split, workers, data_dir, _corner_samples_from, _corner_sample, salt=(98,))
     out = {"crops": np.concatenate([it["crops"] for it in items]), "targets": np.concatenate([it["targets"] for it in items])}
     _log("corner data", region=region, images=len(items), patches=len(out["crops"]), seconds=round(time.time() - t0, 1))
     if cached is not None:
