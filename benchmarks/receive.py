@@ -60,19 +60,46 @@ def push(port: int, files: list[Path], parallel: int, aec: str) -> float:
     return dt
 
 
+def build_fsync_shim(work: Path) -> Path | None:
+    """Compile benchmarks/fsync_on_close.c (LD_PRELOAD: storescp fsyncs each file it writes); None without a C compiler."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        print(json.dumps({"note": "no C compiler: storescp is measured without the fsync-per-file reference"}), flush=True)
+        return None
+    out = work / "fsync_on_close.so"
+    subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(out), str(REPO / "benchmarks" / "fsync_on_close.c"), "-ldl"],
+                   check=True)
+    return out
+
+
+FSYNC_SHIM: Path | None = None
+STORESCP_FSYNC = "storescp (fsync per file)"
+
+
 class Storescp:
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, shim: Path | None = None) -> None:
         self.work = work
         self.port = free_port()
+        self.shim = shim
+        self.counts = work / "fsync-counts"
 
     def start(self) -> "Storescp":
         out = self.work / "storescp"
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
+        env = dict(PEER_ENV)
+        if self.shim is not None:
+            shutil.rmtree(self.counts, ignore_errors=True)
+            self.counts.mkdir(parents=True)
+            env.update(LD_PRELOAD=str(self.shim), DICOMNODE_FSYNC_COUNT_DIR=str(self.counts))
         self.proc = subprocess.Popen(["/usr/bin/storescp", "--fork", "-od", str(out), "-aet", "STORESCP", str(self.port)],
-                                     env=PEER_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                                     env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         wait_port(self.port, 20, self.proc)
         return self
+
+    def flushed(self) -> int:
+        """Files fsynced by the shim in the association children that have exited."""
+        return sum(int(f.read_text()) for f in self.counts.iterdir()) if self.counts.is_dir() else 0
 
     def stop(self) -> None:
         os.killpg(self.proc.pid, signal.SIGTERM)
@@ -80,8 +107,8 @@ class Storescp:
 
 
 def start_receiver(receiver: str, sub: Path):
-    if receiver == "storescp":
-        srv = Storescp(sub).start()
+    if receiver in ("storescp", STORESCP_FSYNC):
+        srv = Storescp(sub, FSYNC_SHIM if receiver == STORESCP_FSYNC else None).start()
         return srv, srv.port, "STORESCP"
     if receiver == "orthanc":
         srv = Orthanc(sub, aet="ORTHANC").start()
@@ -103,7 +130,7 @@ def run_receivers(work: Path, workloads: dict[str, list[Path]], repeats: int) ->
     for name, files in workloads.items():
         mb = sum(f.stat().st_size for f in files) / 1e6
         for parallel in (1, 4):
-            receivers = ["storescp", "orthanc", "dicomnode", "dicomnode (fsync off)"]
+            receivers = ["storescp", *([STORESCP_FSYNC] if FSYNC_SHIM else []), "orthanc", "dicomnode", "dicomnode (fsync off)"]
             if parallel > 1:
                 receivers.append("dicomnode (2 receiver processes)")
             times: dict[str, list[float]] = {r: [] for r in receivers}
@@ -113,6 +140,8 @@ def run_receivers(work: Path, workloads: dict[str, list[Path]], repeats: int) ->
                     srv, port, aec = start_receiver(receiver, sub)
                     try:
                         times[receiver].append(push(port, files, parallel, aec))
+                        if receiver == STORESCP_FSYNC:
+                            check_flushed(srv, len(files))
                     finally:
                         srv.stop()
                         shutil.rmtree(sub, ignore_errors=True)
@@ -123,6 +152,15 @@ def run_receivers(work: Path, workloads: dict[str, list[Path]], repeats: int) ->
                              "runs": [round(x, 3) for x in times[receiver]]})
                 print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def check_flushed(srv: Storescp, expected: int, timeout: float = 10) -> None:
+    """The reference row counts only if storescp really fsynced every instance (its children report as they exit)."""
+    deadline = time.monotonic() + timeout
+    while srv.flushed() < expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if srv.flushed() != expected:
+        raise RuntimeError(f"storescp with the fsync shim flushed {srv.flushed()} files for {expected} instances")
 
 
 def flush_latency(work: Path, n: int = 200, size: int = 132_108) -> float:
@@ -191,18 +229,28 @@ MARK_START, MARK_END = "<!-- receive:start -->", "<!-- receive:end -->"
 
 def markdown(result: dict) -> str:
     """The README table: each receiver beside storescp and Orthanc on the same workload and run."""
+    rows = result["receive"]
+    durable_ref = any(r["receiver"] == STORESCP_FSYNC for r in rows)
     lines = [f"Measured {result['date']} on this project's {result['machine']['cpus']}-core machine "
              f"(Python {result['machine']['python']}), medians of {result.get('repeats', '?')} runs, with "
              "`.venv/bin/python benchmarks/receive.py`. storescp and Orthanc write without fsync; the node's "
-             "default writes each instance durably (fsync) before answering.", "",
-             "| workload | associations | receiver | inst/s | MB/s | × storescp inst/s | × storescp MB/s | × Orthanc inst/s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    rows = result["receive"]
+             "default writes each instance durably (fsync) before answering."
+             + (f" `{STORESCP_FSYNC}` is the same storescp with `benchmarks/fsync_on_close.c` preloaded, so that it "
+                "fsyncs each file before it answers, as the node does (the run checks that it flushed every instance)."
+                if durable_ref else ""), ""]
+    head = "| workload | associations | receiver | inst/s | MB/s | × storescp inst/s | × storescp MB/s | × Orthanc inst/s |"
+    lines += [head + (" × storescp (fsync per file) inst/s |" if durable_ref else ""),
+              "| --- " * (9 if durable_ref else 8) + "|"]
     for r in rows:
-        ref = next(x for x in rows if x["workload"] == r["workload"] and x["associations"] == r["associations"] and x["receiver"] == "storescp")
-        orth = next(x for x in rows if x["workload"] == r["workload"] and x["associations"] == r["associations"] and x["receiver"] == "orthanc")
-        lines.append(f"| {r['workload']} | {r['associations']} | {r['receiver']} | {r['inst_per_s']} | {r['mb_per_s']} | "
-                     f"{r['inst_per_s'] / ref['inst_per_s']:.2f} | {r['mb_per_s'] / ref['mb_per_s']:.2f} | {r['inst_per_s'] / orth['inst_per_s']:.2f} |")
+        same = [x for x in rows if x["workload"] == r["workload"] and x["associations"] == r["associations"]]
+        ref = next(x for x in same if x["receiver"] == "storescp")
+        orth = next(x for x in same if x["receiver"] == "orthanc")
+        line = (f"| {r['workload']} | {r['associations']} | {r['receiver']} | {r['inst_per_s']} | {r['mb_per_s']} | "
+                f"{r['inst_per_s'] / ref['inst_per_s']:.2f} | {r['mb_per_s'] / ref['mb_per_s']:.2f} | {r['inst_per_s'] / orth['inst_per_s']:.2f} |")
+        if durable_ref:
+            dref = next(x for x in same if x["receiver"] == STORESCP_FSYNC)
+            line += f" {r['inst_per_s'] / dref['inst_per_s']:.2f} |"
+        lines.append(line)
     send = result["send"]
     lines += ["", "Against the targets (the node with fsync on, against storescp and Orthanc in the same rounds):", "",
               "| target | measured | met |", "| --- | --- | --- |"]
@@ -270,6 +318,8 @@ def main() -> None:
             "CT 256x256x16": make_files(work / "ct", args.ct, 256, "CT", 1),
             "CR 2048x2048x16": make_files(work / "cr", args.cr, 2048, "CR", 2),
         }
+        global FSYNC_SHIM
+        FSYNC_SHIM = build_fsync_shim(work)
         load_before = round(os.getloadavg()[0], 2)
         flush_ms = flush_latency(work)
         rows = run_receivers(work, workloads, args.repeats)

@@ -22,10 +22,20 @@ def _drop_phi(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
     return event
 
 
+_level = logging.INFO
+
+
+def debug_enabled() -> bool:
+    """Whether debug events are written: lets a hot path skip building an event that would be dropped."""
+    return _level <= logging.DEBUG
+
+
 def setup_logging(cfg: Any = None, process: str = "node", level: str | None = None, fmt: str | None = None) -> None:
     conf = getattr(cfg, "logging", None) or {}
     level = (level or os.environ.get("DICOMNODE_LOG_LEVEL") or conf.get("level") or "INFO").upper()
     fmt = fmt or os.environ.get("DICOMNODE_LOG_FORMAT") or conf.get("format") or "json"
+    global _level
+    _level = getattr(logging, level, logging.INFO)
     renderer = structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
     structlog.configure(
         processors=[
@@ -36,7 +46,7 @@ def setup_logging(cfg: Any = None, process: str = "node", level: str | None = No
             lambda _l, _m, e: {**e, "process": process},
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level, logging.INFO)),
+        wrapper_class=structlog.make_filtering_bound_logger(_level),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )

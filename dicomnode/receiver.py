@@ -25,6 +25,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from .config import Config
 from .fastscp import FastStorageSCP, StoreRequest, is_storage_like, part10_header
 from .header import Header, header_from_dataset, read_header, text
+from .logs import debug_enabled
 from .store import ROUTING_KEYWORDS, IncomingFile, InstanceRecord, Store, valid_uid
 
 log = structlog.get_logger("dicomnode.receiver")
@@ -207,7 +208,8 @@ class Receiver:
             log.error("store_failed", reason="cannot index", error=f"{type(exc).__name__}: {exc}", sop_uid=sop_uid)
             return REFUSED_OUT_OF_RESOURCES, "cannot index the instance"
         self.stored += 1
-        log.debug("instance_stored", sop_uid=sop_uid, series_uid=series_uid, study_uid=study_uid, bytes=size)
+        if debug_enabled():
+            log.debug("instance_stored", sop_uid=sop_uid, series_uid=series_uid, study_uid=study_uid, bytes=size)
         return SUCCESS, ""
 
     def _assoc_open(self, event: evt.Event) -> None:

@@ -21,10 +21,9 @@ import re
 import sqlite3
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 SCHEMA_VERSION = 1
 
@@ -137,6 +136,7 @@ class Store:
     def __init__(self, data_dir: Path, fsync: bool = True) -> None:
         self.data_dir = Path(data_dir)
         self.spool = self.data_dir / "spool"
+        self._spool_prefix = f"{self.spool}{os.sep}"
         self.tmp = self.data_dir / "tmp"
         self.results = self.data_dir / "results"
         for d in (self.spool, self.tmp, self.results):
@@ -155,7 +155,7 @@ class Store:
     @property
     def db(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
-        if conn is None or getattr(self._local, "pid", None) != os.getpid():
+        if conn is None or self._local.pid != _pid:
             conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None, check_same_thread=False)
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA journal_mode=WAL")
@@ -163,21 +163,12 @@ class Store:
             conn.execute("PRAGMA busy_timeout=30000")
             conn.execute("PRAGMA foreign_keys=OFF")
             self._local.conn = conn
-            self._local.pid = os.getpid()
+            self._local.pid = _pid
         return conn
 
-    @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        db = self.db
-        with self._write_lock:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            else:
-                db.execute("COMMIT")
+    def transaction(self) -> "_Transaction":
+        """``with store.transaction() as db:``: one write transaction (BEGIN IMMEDIATE), rolled back on an exception."""
+        return _Transaction(self.db, self._write_lock)
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
@@ -191,7 +182,7 @@ class Store:
         for uid in (study_uid, series_uid, sop_uid):
             if not valid_uid(uid):
                 raise ValueError(f"not a valid UID: {uid!r}")
-        return self.spool / study_uid / series_uid / f"{sop_uid}.dcm"
+        return Path(f"{self._spool_prefix}{study_uid}/{series_uid}/{sop_uid}.dcm")
 
     def write_durably(self, path: Path, chunks: Any) -> int:
         """Write bytes (or an iterable of bytes) to ``path`` so that it survives a crash once this returns.
@@ -204,9 +195,13 @@ class Store:
         moves such files aside at start-up.
         """
         parts = [chunks] if isinstance(chunks, (bytes, bytearray, memoryview)) else list(chunks)
-        new_dirs = self._make_dirs(path.parent)
+        new_dirs: list[Path] = []
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileNotFoundError:  # the first instance of its series: make the folders (usually they exist)
+                new_dirs = self._make_dirs(path.parent)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             return self._replace(path, parts)
         try:
@@ -261,37 +256,39 @@ class Store:
     # -- receiving -----------------------------------------------------------
 
     def index_instance(self, rec: InstanceRecord, now: float | None = None) -> None:
-        """Record an instance already in the spool; a re-sent instance replaces its row."""
+        """Record an instance already in the spool; a re-sent instance replaces its row.
+
+        Runs once per received instance, before the receiver answers: the series and study rows
+        are updated in place, and only the first instance of a series or study inserts its row
+        (with the series' routing attributes as JSON).
+        """
         now = now or time.time()
-        attrs = json.dumps(rec.attributes, separators=(",", ":"))
         with self.transaction() as db:
-            old = db.execute("SELECT series_uid FROM instances WHERE sop_uid=?", (rec.sop_uid,)).fetchone()
+            new = 0 if db.execute("SELECT 1 FROM instances WHERE sop_uid=?", (rec.sop_uid,)).fetchone() else 1
             db.execute(
                 "INSERT OR REPLACE INTO instances VALUES (?,?,?,?,?,?,?,?,?)",
                 (rec.sop_uid, rec.series_uid, rec.study_uid, rec.sop_class_uid, rec.transfer_syntax,
                  rec.instance_number, str(rec.path), rec.size, now),
             )
-            new = 0 if old else 1
-            db.execute(
-                """INSERT INTO series (series_uid, study_uid, modality, description, series_number, attributes,
-                       first_arrival, last_arrival, n_instances)
-                   VALUES (?,?,?,?,?,?,?,?,1)
-                   ON CONFLICT(series_uid) DO UPDATE SET last_arrival=excluded.last_arrival,
-                       n_instances=n_instances+?""",
-                (rec.series_uid, rec.study_uid, rec.attributes.get("Modality"), rec.attributes.get("SeriesDescription"),
-                 _int(rec.attributes.get("SeriesNumber")), attrs, now, now, new),
-            )
-            db.execute(
-                """INSERT INTO studies (study_uid, calling_ae, calling_host, first_arrival, last_arrival, state,
-                       study_date, modalities, n_instances)
-                   VALUES (?,?,?,?,?,'receiving',?,?,1)
-                   ON CONFLICT(study_uid) DO UPDATE SET last_arrival=excluded.last_arrival, state='receiving',
-                       calling_ae=COALESCE(excluded.calling_ae, calling_ae),
-                       calling_host=COALESCE(excluded.calling_host, calling_host),
-                       n_instances=n_instances+?""",
-                (rec.study_uid, rec.calling_ae, rec.calling_host, now, now, rec.study_date,
-                 rec.attributes.get("Modality"), new),
-            )
+            if not db.execute("UPDATE series SET last_arrival=?, n_instances=n_instances+? WHERE series_uid=?",
+                              (now, new, rec.series_uid)).rowcount:
+                attrs = rec.attributes
+                db.execute(
+                    """INSERT INTO series (series_uid, study_uid, modality, description, series_number, attributes,
+                           first_arrival, last_arrival, n_instances) VALUES (?,?,?,?,?,?,?,?,1)""",
+                    (rec.series_uid, rec.study_uid, attrs.get("Modality"), attrs.get("SeriesDescription"),
+                     _int(attrs.get("SeriesNumber")), json.dumps(attrs, separators=(",", ":")), now, now),
+                )
+            if not db.execute(
+                    """UPDATE studies SET last_arrival=?, state='receiving', calling_ae=COALESCE(?, calling_ae),
+                           calling_host=COALESCE(?, calling_host), n_instances=n_instances+? WHERE study_uid=?""",
+                    (now, rec.calling_ae, rec.calling_host, new, rec.study_uid)).rowcount:
+                db.execute(
+                    """INSERT INTO studies (study_uid, calling_ae, calling_host, first_arrival, last_arrival, state,
+                           study_date, modalities, n_instances) VALUES (?,?,?,?,?,'receiving',?,?,1)""",
+                    (rec.study_uid, rec.calling_ae, rec.calling_host, now, now, rec.study_date,
+                     rec.attributes.get("Modality")),
+                )
 
     # -- queries -------------------------------------------------------------
 
@@ -379,6 +376,17 @@ _WRITEBACK_STEP = 1 << 20
 _SYNC_FILE_RANGE_WRITE = 2
 _names = itertools.count()
 
+# This process's id, kept current across fork: a connection opened before a fork is never used after it.
+_pid = os.getpid()
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
+
 
 def _writeback_starter() -> Any:
     """Linux ``sync_file_range(SYNC_FILE_RANGE_WRITE)``: start writing a range to the device, without waiting."""
@@ -436,8 +444,12 @@ class IncomingFile:
         """Flush the file and rename it to ``path`` in the spool; returns its size."""
         if self.store.fsync:
             os.fsync(self.fd)
-        new_dirs = self.store._make_dirs(path.parent)
-        os.replace(self.path, path)
+        new_dirs: list[Path] = []
+        try:
+            os.replace(self.path, path)
+        except FileNotFoundError:  # the first instance of its series: make the folders, then move it in
+            new_dirs = self.store._make_dirs(path.parent)
+            os.replace(self.path, path)
         self.committed = True
         if self.store.fsync:
             for d in new_dirs:
@@ -461,6 +473,39 @@ class IncomingFile:
             self.fd = -1
         if not self.committed:
             self.path.unlink(missing_ok=True)
+
+
+class _Transaction:
+    """A write transaction on one connection, serialised within the process (see :meth:`Store.transaction`)."""
+
+    __slots__ = ("db", "lock")
+
+    def __init__(self, db: sqlite3.Connection, lock: Any) -> None:
+        self.db = db
+        self.lock = lock
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.lock.acquire()
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self.lock.release()
+            raise
+        return self.db
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            if exc_type is None:
+                try:
+                    self.db.execute("COMMIT")
+                    return
+                except BaseException:
+                    if self.db.in_transaction:
+                        self.db.execute("ROLLBACK")
+                    raise
+            self.db.execute("ROLLBACK")
+        finally:
+            self.lock.release()
 
 
 def _int(v: Any) -> int | None:

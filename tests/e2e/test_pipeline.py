@@ -107,6 +107,30 @@ def test_pushed_study_comes_back_with_valid_results_in_the_same_study(node, pacs
         assert phi not in log_text
 
 
+def test_debug_log_has_one_event_per_stored_instance_without_phi(tmp_path):
+    """At DEBUG the receiver logs each stored instance by its UIDs; at INFO it does not (one event per association)."""
+    files = make_study(tmp_path / "in", 3, seed=5)
+    sources = [pydicom.dcmread(f) for f in files]
+    for level, expected in (("DEBUG", 3), ("INFO", 0)):
+        n = NodeProcess(tmp_path / f"node-{level}", rules=[], config={"logging": {"level": level}}).start()
+        try:
+            r = storescu(n.port, files)
+            assert r.returncode == 0, r.stderr
+            n.wait_for(lambda: any(e.get("event") == "fastscp_association" for e in n.log_events()), 20, "the association event")
+            stored = [e for e in n.log_events() if e.get("event") == "instance_stored"]
+        finally:
+            n.stop()
+        assert len(stored) == expected, level
+        if expected:
+            assert {e["sop_uid"] for e in stored} == {str(ds.SOPInstanceUID) for ds in sources}
+            assert {e["study_uid"] for e in stored} == {str(sources[0].StudyInstanceUID)}
+            for e in stored:
+                assert e["bytes"] == (n.data_dir / "spool" / e["study_uid"] / e["series_uid"] / f"{e['sop_uid']}.dcm").stat().st_size
+        log_text = n.log_path.read_text()
+        for phi in (str(sources[0].PatientName), sources[0].PatientID, sources[0].PatientBirthDate):
+            assert phi not in log_text, level
+
+
 def test_results_wait_in_the_outbox_while_the_pacs_is_down(node, pacs, tmp_path):
     pacs.stop()
     files = make_study(tmp_path / "in", 2, seed=5)
