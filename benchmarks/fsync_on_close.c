@@ -8,7 +8,7 @@
  * when one is present and reports storescp both ways.
  *
  * When DICOMNODE_FSYNC_COUNT_DIR is set, each process writes the number of files it flushed to
- * <dir>/<pid> when it exits, so the benchmark can check that every instance was flushed.
+ * <dir>/<pid> when it exits (written aside and renamed into place), so the benchmark can check that every instance was flushed.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -33,14 +33,16 @@ int fclose(FILE *stream)
 __attribute__((destructor)) static void report(void)
 {
     const char *dir = getenv("DICOMNODE_FSYNC_COUNT_DIR");
-    char path[4096];
+    char path[4096], part[4200];
     FILE *out;
     if (dir == NULL || flushed == 0 || real_fclose == NULL)
         return;
     snprintf(path, sizeof path, "%s/%ld", dir, (long)getpid());
-    out = fopen(path, "w");
+    snprintf(part, sizeof part, "%s.part", path);
+    out = fopen(part, "w");
     if (out == NULL)
         return;
     fprintf(out, "%ld\n", flushed);
-    real_fclose(out);
+    if (real_fclose(out) == 0)
+        rename(part, path); /* the reader sees a whole count or none */
 }
