@@ -503,7 +503,8 @@ class _Transaction:
                     if self.db.in_transaction:
                         self.db.execute("ROLLBACK")
                     raise
-            self.db.execute("ROLLBACK")
+            if self.db.in_transaction:  # SQLite may have rolled back already (e.g. disk full)
+                self.db.execute("ROLLBACK")
         finally:
             self.lock.release()
 
