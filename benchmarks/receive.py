@@ -74,7 +74,6 @@ def build_fsync_shim(work: Path) -> Path | None:
     return out
 
 
-FSYNC_SHIM: Path | None = None
 STORESCP_FSYNC = "storescp (fsync per file)"
 
 
@@ -110,9 +109,9 @@ class Storescp:
         self.proc.wait(20)
 
 
-def start_receiver(receiver: str, sub: Path):
+def start_receiver(receiver: str, sub: Path, shim: Path | None = None):
     if receiver in ("storescp", STORESCP_FSYNC):
-        srv = Storescp(sub, FSYNC_SHIM if receiver == STORESCP_FSYNC else None).start()
+        srv = Storescp(sub, shim if receiver == STORESCP_FSYNC else None).start()
         return srv, srv.port, "STORESCP"
     if receiver == "orthanc":
         srv = Orthanc(sub, aet="ORTHANC").start()
@@ -128,20 +127,20 @@ def start_receiver(receiver: str, sub: Path):
     return srv, srv.port, "DICOMNODE"
 
 
-def run_receivers(work: Path, workloads: dict[str, list[Path]], repeats: int) -> list[dict]:
+def run_receivers(work: Path, workloads: dict[str, list[Path]], repeats: int, shim: Path | None = None) -> list[dict]:
     """Every receiver once per round, rounds repeated: drift in the machine's load hits all of them alike."""
     rows = []
     for name, files in workloads.items():
         mb = sum(f.stat().st_size for f in files) / 1e6
         for parallel in (1, 4):
-            receivers = ["storescp", *([STORESCP_FSYNC] if FSYNC_SHIM else []), "orthanc", "dicomnode", "dicomnode (fsync off)"]
+            receivers = ["storescp", *([STORESCP_FSYNC] if shim else []), "orthanc", "dicomnode", "dicomnode (fsync off)"]
             if parallel > 1:
                 receivers.append("dicomnode (2 receiver processes)")
             times: dict[str, list[float]] = {r: [] for r in receivers}
             for r in range(repeats):
                 for receiver in receivers:
                     sub = work / f"{receiver}-{name}-{parallel}-{r}"
-                    srv, port, aec = start_receiver(receiver, sub)
+                    srv, port, aec = start_receiver(receiver, sub, shim)
                     try:
                         times[receiver].append(push(port, files, parallel, aec))
                         if receiver == STORESCP_FSYNC:
@@ -322,11 +321,10 @@ def main() -> None:
             "CT 256x256x16": make_files(work / "ct", args.ct, 256, "CT", 1),
             "CR 2048x2048x16": make_files(work / "cr", args.cr, 2048, "CR", 2),
         }
-        global FSYNC_SHIM
-        FSYNC_SHIM = build_fsync_shim(work)
+        shim = build_fsync_shim(work)
         load_before = round(os.getloadavg()[0], 2)
         flush_ms = flush_latency(work)
-        rows = run_receivers(work, workloads, args.repeats)
+        rows = run_receivers(work, workloads, args.repeats, shim)
         send = run_sender(work, workloads["CT 256x256x16"], args.repeats)
         result = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}, "receive": rows, "send": send,
                   "date": time.strftime("%Y-%m-%d"), "repeats": args.repeats, "load_before": load_before,

@@ -136,7 +136,7 @@ class Store:
     def __init__(self, data_dir: Path, fsync: bool = True) -> None:
         self.data_dir = Path(data_dir)
         self.spool = self.data_dir / "spool"
-        self._spool_prefix = f"{self.spool}{os.sep}"
+        self._spool_prefix = f"{self.spool}/"
         self.tmp = self.data_dir / "tmp"
         self.results = self.data_dir / "results"
         for d in (self.spool, self.tmp, self.results):
@@ -195,13 +195,8 @@ class Store:
         moves such files aside at start-up.
         """
         parts = [chunks] if isinstance(chunks, (bytes, bytearray, memoryview)) else list(chunks)
-        new_dirs: list[Path] = []
         try:
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileNotFoundError:  # the first instance of its series: make the folders (usually they exist)
-                new_dirs = self._make_dirs(path.parent)
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = self._in_folder(path, lambda: os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
         except FileExistsError:
             return self._replace(path, parts)
         try:
@@ -213,9 +208,6 @@ class Store:
             path.unlink(missing_ok=True)
             raise
         os.close(fd)
-        if self.fsync:
-            for d in new_dirs:
-                _fsync_dir(d.parent)
         return size
 
     def incoming(self, prefix: bytes, key: Any = None) -> "IncomingFile":
@@ -241,17 +233,28 @@ class Store:
             raise
         return size
 
-    def _make_dirs(self, folder: Path) -> list[Path]:
-        """Create ``folder`` and missing parents; return those created, outermost first."""
-        if folder.is_dir():
-            return []
+    def _in_folder(self, path: Path, create: Any) -> Any:
+        """``create()``, which makes ``path``; when its folder is missing (the first instance of a series), make it and retry.
+
+        Trying first spares the receiver a lookup per instance: the folder usually exists.
+        """
+        try:
+            return create()
+        except FileNotFoundError:
+            self._make_dirs(path.parent)
+            return create()
+
+    def _make_dirs(self, folder: Path) -> None:
+        """Create ``folder`` and missing parents, each fsynced into its parent when the store is durable."""
         missing = []
         d = folder
         while not d.exists():
             missing.append(d)
             d = d.parent
         folder.mkdir(parents=True, exist_ok=True)
-        return list(reversed(missing))
+        if self.fsync:
+            for d in reversed(missing):
+                _fsync_dir(d.parent)
 
     # -- receiving -----------------------------------------------------------
 
@@ -444,16 +447,9 @@ class IncomingFile:
         """Flush the file and rename it to ``path`` in the spool; returns its size."""
         if self.store.fsync:
             os.fsync(self.fd)
-        new_dirs: list[Path] = []
-        try:
-            os.replace(self.path, path)
-        except FileNotFoundError:  # the first instance of its series: make the folders, then move it in
-            new_dirs = self.store._make_dirs(path.parent)
-            os.replace(self.path, path)
+        self.store._in_folder(path, lambda: os.replace(self.path, path))
         self.committed = True
         if self.store.fsync:
-            for d in new_dirs:
-                _fsync_dir(d.parent)
             _fsync_dir(path.parent)
         return self.size
 
@@ -498,15 +494,17 @@ class _Transaction:
             if exc_type is None:
                 try:
                     self.db.execute("COMMIT")
-                    return
                 except BaseException:
-                    if self.db.in_transaction:
-                        self.db.execute("ROLLBACK")
+                    self._rollback()
                     raise
-            if self.db.in_transaction:  # SQLite may have rolled back already (e.g. disk full)
-                self.db.execute("ROLLBACK")
+            else:
+                self._rollback()
         finally:
             self.lock.release()
+
+    def _rollback(self) -> None:
+        if self.db.in_transaction:  # SQLite may have rolled back already (e.g. disk full)
+            self.db.execute("ROLLBACK")
 
 
 def _int(v: Any) -> int | None:
