@@ -25,19 +25,15 @@ from analyzers.base import (
     SourceRef,
     Study,
 )
-from analyzers.imaging import resize
 from analyzers.runtime import OnnxModel, resolve_entry
 
-from . import preprocess
-from .labels import INPUT_SIZE, LABELS
-from .postprocess import cardiothoracic_ratio, clean_masks, outline
+from . import inference, preprocess
+from .constants import CLASSIFIER, INPUT_SIZE, LABELS, SEGMENTER, SEGMENTS
+from .postprocess import cardiothoracic_ratio, outline
 
 log = structlog.get_logger("dicomnode.analyzers.chest_xray_thoracic")
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
-SEGMENTER = "lung_heart_unet"
-CLASSIFIER = "thoracic_classifier"
-SEGMENTS = ("right_lung", "left_lung", "heart")
 FINDING_KEYS = {label: label.lower() for label in LABELS}
 """ChestX-ray14 label -> template key (``Pleural_Thickening`` -> ``pleural_thickening``)."""
 GROUP = "Image"
@@ -178,32 +174,21 @@ class ChestXrayThoracic(Analyzer):
         if prepared:
             self.load()
             stage = []
-            seg_probs = self._seg(image=np.stack([prep.net_input for _, _, prep in prepared]))["seg_prob"]
+            seg_probs = inference.segment(self._seg, np.stack([prep.net_input for _, _, prep in prepared]))
             for (k, inst, prep), seg_prob in zip(prepared, seg_probs):
                 try:
-                    stage.append((k, inst, prep, seg_prob, *self._masks(prep, seg_prob)))
+                    stage.append((k, inst, prep, seg_prob, *inference.masks(prep.display.shape, seg_prob)))
                 except Exception as exc:
                     out[k] = exc
             if stage:
-                cls_out = self._cls(image=np.stack([s[2].net_input for s in stage]), mask=np.concatenate([s[-1] for s in stage]))
+                probability, evidence = inference.classify(
+                    self._cls, np.stack([s[2].net_input for s in stage]), np.concatenate([s[-1] for s in stage]))
                 for j, (k, inst, prep, _, full_prob, masks, area, _) in enumerate(stage):
                     try:
-                        out[k] = self._result(inst, prep, full_prob, masks, area, cls_out["probability"][j], cls_out["evidence"][j])
+                        out[k] = self._result(inst, prep, full_prob, masks, area, probability[j], evidence[j])
                     except Exception as exc:
                         out[k] = exc
         return [r if r is not None else AnalyzerError("no result") for r in out]
-
-    def _masks(self, prep: Any, seg_prob: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Full-size class probabilities, cleaned masks, their areas, and the classifier's lung/heart mask."""
-        rows, cols = prep.display.shape
-        small = clean_masks(np.stack([seg_prob.argmax(0) == i + 1 for i in range(len(SEGMENTS))]))
-        full_prob = np.stack([resize(p, (rows, cols), order=1) for p in seg_prob])
-        masks = clean_masks(np.stack([full_prob.argmax(0) == i + 1 for i in range(len(SEGMENTS))]))
-        area = masks.reshape(3, -1).mean(1)
-        if area[0] + area[1] < 0.03:
-            raise NotApplicable("no lung fields were found; the image does not look like a frontal chest radiograph")
-        union = (small.any(0)).astype(np.float32)[None, None]
-        return full_prob, masks, area, union
 
     def _result(self, inst: Instance, prep: Any, full_prob: np.ndarray, masks: np.ndarray, area: np.ndarray,
                 probs: np.ndarray, evidence: np.ndarray) -> AnalysisResult:
@@ -229,7 +214,7 @@ class ChestXrayThoracic(Analyzer):
             hm_key = None
             if present:
                 hm_key = f"{key}_evidence"
-                data = np.clip(resize(evidence[i], (rows, cols), order=1), 0.0, 1.0).astype(np.float32)
+                data = inference.evidence_map(evidence[i], (rows, cols))
                 heatmaps.append(Heatmap(key=hm_key, finding=key, data=data, source=src, label=f"{label.replace('_', ' ')} evidence"))
             if abs(p - ops[label]) < REVIEW_MARGIN:
                 review.append(f"{label.replace('_', ' ')} probability {p:.2f} is close to its operating point {ops[label]:.2f}")

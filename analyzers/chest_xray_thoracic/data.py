@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .labels import LABELS
+from .constants import LABELS
 
 _ALIASES = {"Pleural Thickening": "Pleural_Thickening", "PleuralThickening": "Pleural_Thickening"}
 

@@ -1,4 +1,4 @@
-"""Held-out phantom evaluation of the whole analyzer (DICOM in, result out), as in metrics.json."""
+"""Torch-free metrics (AUROC, Youden cut, Dice) and the held-out evaluation of the whole analyzer (DICOM in, result out), as in metrics.json."""
 
 from __future__ import annotations
 
@@ -11,9 +11,41 @@ import pydicom
 
 from analyzers.base import AnalyzerSettings, Study
 
-from .analyzer import CLASSIFIER, SEGMENTER, SEGMENTS, ChestXrayThoracic, FINDING_KEYS
-from .labels import SYNTHESISED
-from .train import auroc, dice
+from .analyzer import ChestXrayThoracic, FINDING_KEYS
+from .constants import CLASSIFIER, SEGMENTER, SEGMENTS, SYNTHESISED
+
+
+def auroc(y: np.ndarray, p: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney, ties counted half); NaN without both classes."""
+    y = np.asarray(y).astype(bool)
+    pos, neg = np.asarray(p)[y], np.asarray(p)[~y]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    greater = (pos[:, None] > neg[None, :]).sum()
+    ties = (pos[:, None] == neg[None, :]).sum()
+    return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
+
+
+def youden_threshold(y: np.ndarray, p: np.ndarray) -> float:
+    """The probability cut that maximises sensitivity + specificity - 1 (midpoint between scores)."""
+    y = np.asarray(y).astype(bool)
+    if y.all() or not y.any():
+        return 0.5
+    s = np.unique(p)
+    cuts = np.concatenate([[0.0], (s[:-1] + s[1:]) / 2, [1.0]])
+    best, best_j = 0.5, -1.0
+    for c in cuts:
+        pred = p >= c
+        j = pred[y].mean() + (~pred[~y]).mean() - 1
+        if j > best_j:
+            best, best_j = float(c), j
+    return best
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(bool), b.astype(bool)
+    s = a.sum() + b.sum()
+    return float(2 * (a & b).sum() / s) if s else 1.0
 
 
 def evaluate_folders(folders: Sequence[Path], weights_dir: Path | None = None, analyzer: ChestXrayThoracic | None = None) -> dict[str, Any]:

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .labels import IMAGENET_MEAN, IMAGENET_STD, INPUT_SIZE, LABELS, SEG_CLASSES, SYNTHESISED  # noqa: F401 (re-exported)
+from .constants import IMAGENET_MEAN, IMAGENET_STD, INPUT_SIZE, LABELS, SEG_CLASSES, SYNTHESISED  # noqa: F401 (re-exported)
 
 
 # ---------------------------------------------------------------------------

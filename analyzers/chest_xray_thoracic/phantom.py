@@ -32,11 +32,8 @@ from scipy import ndimage
 
 from analyzers import phantoms
 
-from .labels import LABELS, SYNTHESISED
+from .constants import LABELS, SEGMENTS, SYNTHESISED
 from .postprocess import cardiothoracic_ratio, outline
-
-SEGMENTS = ("right_lung", "left_lung", "heart")
-"""Mask channels in order; the patient's right lung is on the image's left (PA display)."""
 
 
 @dataclass

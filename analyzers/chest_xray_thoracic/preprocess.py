@@ -22,7 +22,7 @@ from scipy import ndimage
 from analyzers import imaging
 from analyzers.base import NotApplicable
 
-from .labels import IMAGENET_MEAN, IMAGENET_STD, INPUT_SIZE
+from .constants import IMAGENET_MEAN, IMAGENET_STD, INPUT_SIZE
 
 if TYPE_CHECKING:  # pragma: no cover
     import pydicom

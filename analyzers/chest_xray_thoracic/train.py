@@ -46,6 +46,7 @@ from analyzers import phantoms
 from analyzers.base import RegistryEntry, sha256_file
 
 from . import phantom, preprocess
+from .evaluate import auroc, dice, youden_threshold
 from .model import (
     DENSENET121,
     INPUT_SIZE,
@@ -270,44 +271,6 @@ def predict_probs(net: ThoracicClassifier, images: np.ndarray, seg: np.ndarray, 
         logits, _ = net(to_input(images[s : s + batch]), m)
         out.append(torch.sigmoid(logits).numpy())
     return np.concatenate(out)
-
-
-# ---------------------------------------------------------------------------
-# Metrics and operating points
-# ---------------------------------------------------------------------------
-
-
-def auroc(y: np.ndarray, p: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney, ties counted half); NaN without both classes."""
-    y = np.asarray(y).astype(bool)
-    pos, neg = np.asarray(p)[y], np.asarray(p)[~y]
-    if len(pos) == 0 or len(neg) == 0:
-        return float("nan")
-    greater = (pos[:, None] > neg[None, :]).sum()
-    ties = (pos[:, None] == neg[None, :]).sum()
-    return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
-
-
-def youden_threshold(y: np.ndarray, p: np.ndarray) -> float:
-    """The probability cut that maximises sensitivity + specificity - 1 (midpoint between scores)."""
-    y = np.asarray(y).astype(bool)
-    if y.all() or not y.any():
-        return 0.5
-    s = np.unique(p)
-    cuts = np.concatenate([[0.0], (s[:-1] + s[1:]) / 2, [1.0]])
-    best, best_j = 0.5, -1.0
-    for c in cuts:
-        pred = p >= c
-        j = pred[y].mean() + (~pred[~y]).mean() - 1
-        if j > best_j:
-            best, best_j = float(c), j
-    return best
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(bool), b.astype(bool)
-    s = a.sum() + b.sum()
-    return float(2 * (a & b).sum() / s) if s else 1.0
 
 
 # ---------------------------------------------------------------------------

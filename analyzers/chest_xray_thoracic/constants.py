@@ -1,4 +1,4 @@
-"""Label names and input constants of the chest model, importable without torch (inference path)."""
+"""Constants of the chest analyzer (labels, classes, input size, model names), importable without torch."""
 
 LABELS = (
     "Atelectasis",
@@ -26,3 +26,8 @@ SEG_CLASSES = ("background", "right_lung", "left_lung", "heart")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INPUT_SIZE = 224
+
+SEGMENTS = ("right_lung", "left_lung", "heart")
+"""Mask channels in order; the patient's right lung is on the image's left (PA display)."""
+SEGMENTER = "lung_heart_unet"
+CLASSIFIER = "thoracic_classifier"
