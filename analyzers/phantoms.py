@@ -11,23 +11,9 @@ from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian
 
-CR_IMAGE = "1.2.840.10008.5.1.4.1.1.1"
-DX_IMAGE_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
-CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
-MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
-SC_IMAGE = "1.2.840.10008.5.1.4.1.1.7"
-
-# UID root for objects the project makes (pydicom's generate_uid prefix + a project arc keeps them valid).
-UID_PREFIX = "1.2.826.0.1.3680043.10.1137."
-
-
-def new_uid(*entropy: object) -> str:
-    """A new UID under the project's root; derived from ``entropy`` when given (reproducible phantoms)."""
-    if entropy:
-        return generate_uid(prefix=UID_PREFIX, entropy_srcs=[str(e) for e in entropy])
-    return generate_uid(prefix=UID_PREFIX)
+from dicomnode.uids import CR_IMAGE, CT_IMAGE, DX_IMAGE_PRESENTATION, MR_IMAGE, SC_IMAGE, UID_PREFIX, new_uid  # noqa: F401 (the analyzers' phantoms use them from here)
 
 
 @dataclass

@@ -23,7 +23,7 @@ import pydicom
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analyzers.base import AnalyzerSettings, Study  # noqa: E402
+from dicomnode.analysis import AnalyzerSettings, Study  # noqa: E402
 from analyzers.chest_xray_thoracic.analyzer import ChestXrayThoracic  # noqa: E402
 
 

@@ -26,7 +26,7 @@ import pydicom
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analyzers.base import AnalyzerSettings, Study  # noqa: E402
+from dicomnode.analysis import AnalyzerSettings, Study  # noqa: E402
 from analyzers.dxa_scoliosis.analyzer import DxaScoliosis  # noqa: E402
 
 

@@ -31,7 +31,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from analyzers.phantoms import CR_IMAGE, CT_IMAGE, PhantomPatient, image_dataset, save  # noqa: E402
+from analyzers.phantoms import PhantomPatient, image_dataset, save  # noqa: E402
+
+from dicomnode.uids import CR_IMAGE, CT_IMAGE  # noqa: E402
 from tests.peers import PEER_ENV, NodeProcess, Orthanc, free_port, wait_port  # noqa: E402
 
 

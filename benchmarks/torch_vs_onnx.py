@@ -50,8 +50,8 @@ import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from analyzers import runtime  # noqa: E402
-from analyzers.base import AnalyzerSettings, RegistryEntry, Study  # noqa: E402
+from dicomnode import runtime  # noqa: E402
+from dicomnode.analysis import AnalyzerSettings, RegistryEntry, Study  # noqa: E402
 from analyzers.onnx_import import load_from_onnx  # noqa: E402
 
 HEADING = "## Torch eager vs ONNX Runtime"

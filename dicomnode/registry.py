@@ -1,13 +1,50 @@
-"""Finding analyzers (entry points and configured plugins) and building them from the configuration."""
+"""Finding analyzers (entry points and configured plugins) and building them from the configuration.
+
+The only core module that loads analyzer code: through the ``dicomnode.analyzers`` entry-point
+group and the configured ``analyzers.plugins``, never by importing the ``analyzers`` package.
+"""
 
 from __future__ import annotations
 
+import functools
 import importlib
 from pathlib import Path
+from typing import Any
 
-from analyzers.base import Analyzer, AnalyzerSettings, analyzer_class, available_analyzers
-
+from .analysis import Analyzer, AnalyzerSettings
 from .config import Config
+
+
+@functools.lru_cache(maxsize=None)
+def _entry_points() -> dict[str, Any]:
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in entry_points(group="dicomnode.analyzers")}
+
+
+def available_analyzers() -> list[str]:
+    """Names of the installed analyzers (entry-point group ``dicomnode.analyzers``)."""
+    return sorted(_entry_points())
+
+
+def analyzer_class(name: str) -> type[Analyzer]:
+    """The Analyzer subclass an installed entry point names.
+
+    Raises
+    ------
+    KeyError
+        When no installed analyzer has that name (the message lists those that are).
+    TypeError
+        When the entry point names something other than an Analyzer subclass.
+    """
+    eps = _entry_points()
+    if name not in eps:
+        known = ", ".join(sorted(eps)) or "none"
+        raise KeyError(f"unknown analyzer {name!r}; installed analyzers: {known}")
+    cls = eps[name].load()
+    if not (isinstance(cls, type) and issubclass(cls, Analyzer)):
+        raise TypeError(f"entry point {name!r} does not name an Analyzer subclass")
+    return cls
 
 
 def _plugin(spec: str) -> type[Analyzer]:

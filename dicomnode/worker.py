@@ -1,4 +1,5 @@
-"""Worker: a separate process that owns the models (and the GPU), runs jobs, encodes, fills the outbox.
+"""Worker: a separate process that owns the models (and the GPU), runs jobs through
+:func:`~dicomnode.analysis.run_analyses` (select → analyze → encode), fills the outbox.
 
 Models are loaded once per analyzer and kept warm. A job's result objects are written durably
 under ``<data>/results/<job id>/`` and handed to the outbox in the same transaction that marks
@@ -18,8 +19,7 @@ from typing import Any
 
 import structlog
 
-from analyzers.base import Analyzer, NotApplicable
-
+from .analysis import Analysis, AnalysisContext, Analyzer, NotApplicable, run_analyses
 from .config import Config, load_config
 from .queue import Job, JobQueue
 from .store import Store
@@ -87,67 +87,66 @@ class Worker:
         (re-queued or parked); one study's problem never settles another's.
         """
         t0 = time.monotonic()
-        ready: list[tuple[Job, Any, Any, Path]] = []
+        ready: list[tuple[Job, Any, Path]] = []
         for job in jobs:
             log.info("job_started", job=job.id, study_uid=job.study_uid, analyzer=job.analyzer, attempt=job.attempts,
                      batch=len(jobs))
             out_dir = self.store.results / str(job.id)
             shutil.rmtree(out_dir, ignore_errors=True)
             try:
-                analyzer = self.analyzer(job.analyzer)
+                self.analyzer(job.analyzer)
                 study = self.store.load_study(job.study_uid)
-                inputs = analyzer.select(study)
             except Exception as exc:
                 self._settle(job, exc, out_dir)
                 continue
-            ready.append((job, study, inputs, out_dir))
+            ready.append((job, study, out_dir))
         if not ready:
             return
-        analyzer = self.analyzer(ready[0][0].analyzer)
-        t_an = time.monotonic()
+        name = ready[0][0].analyzer
         try:
-            results = analyzer.analyze_batch([inputs for _, _, inputs, _ in ready])
-            if len(results) != len(ready):
-                raise RuntimeError(f"{analyzer.name}.analyze_batch returned {len(results)} results for {len(ready)} studies")
+            context = self._context(name)
         except Exception as exc:
-            results = [exc] * len(ready)
-        analyze_s = time.monotonic() - t_an
-        for (job, study, _, out_dir), result in zip(ready, results):
-            if isinstance(result, BaseException):
-                self._settle(job, result, out_dir)
+            for job, _, out_dir in ready:
+                self._settle(job, exc, out_dir)
+            return
+        outcomes = run_analyses(self.analyzer(name), [study for _, study, _ in ready], context)
+        for (job, _, out_dir), outcome in zip(ready, outcomes):
+            if isinstance(outcome, BaseException):
+                self._settle(job, outcome, out_dir)
                 continue
             try:
-                n_objects = self._deliver(job, study, result, out_dir)
+                n_objects = self._deliver(job, outcome, out_dir)
             except Exception as exc:
                 self._settle(job, exc, out_dir)
                 continue
             log.info("job_finished", job=job.id, study_uid=job.study_uid, analyzer=job.analyzer,
-                     objects=n_objects, analyze_seconds=round(analyze_s, 3), batch=len(ready),
-                     seconds=round(time.monotonic() - t0, 3), review_required=result.review_required)
+                     objects=n_objects, analyze_seconds=round(outcome.analyze_seconds, 3), batch=len(ready),
+                     seconds=round(time.monotonic() - t0, 3), review_required=outcome.result.review_required)
 
-    def _deliver(self, job: Job, study: Any, result: Any, out_dir: Path) -> int:
-        """Encode a result, write its objects durably and hand them to the outbox as the job finishes; returns the object count."""
-        from .encoders import encode_result
-
+    def _context(self, name: str) -> AnalysisContext:
+        """The encoder context and the analyzer's SR template, made once and kept."""
         if self._ctx is None:
             self._ctx = encoder_context(self.cfg)
-        if job.analyzer not in self._templates:
+        if name not in self._templates:
             from .registry import template_for
 
-            self._templates[job.analyzer] = template_for(job.analyzer, self.cfg)
-        datasets = encode_result(result, study, self._ctx, self._templates[job.analyzer])
+            self._templates[name] = template_for(name, self.cfg)
+        return AnalysisContext(self._ctx, self._templates[name])
+
+    def _deliver(self, job: Job, analysis: Analysis, out_dir: Path) -> int:
+        """Write a job's result objects durably and hand them to the outbox as the job finishes; returns the object count."""
         rows = []
-        for ds in datasets:
+        for ds in analysis.datasets:
             path = out_dir / f"{ds.SOPInstanceUID}.dcm"
             self.store.write_durably(path, _encode(ds))
             for dest in job.destinations:
                 rows.append({"study_uid": job.study_uid, "destination": dest, "sop_uid": str(ds.SOPInstanceUID),
                              "sop_class_uid": str(ds.SOPClassUID), "description": str(ds.get("SeriesDescription", "")),
                              "path": str(path)})
-        summary = result.summary()
-        summary["objects"] = len(datasets)
+        summary = analysis.result.summary()
+        summary["objects"] = len(analysis.datasets)
         self.queue.finish(job.id, rows, summary)
-        return len(datasets)
+        return len(analysis.datasets)
 
     def _settle(self, job: Job, exc: BaseException, out_dir: Path) -> None:
         """A job that did not finish: not applicable, or a failure that is retried or parks."""

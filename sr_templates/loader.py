@@ -16,7 +16,7 @@ from highdicom.sr import CodedConcept
 from pydicom.sr.codedict import codes
 
 if TYPE_CHECKING:  # pragma: no cover
-    from analyzers.base import Outputs
+    from dicomnode.analysis import Outputs
 
 TEMPLATE_DIR = Path(__file__).resolve().parent
 PRIVATE_SCHEME = "99DICOMNODE"
@@ -360,7 +360,7 @@ def check_all(directory: Path | None = None, analyzers: Iterable[str] | None = N
     TemplateError
         On the first template that is missing, malformed or does not match.
     """
-    from analyzers.base import analyzer_class, available_analyzers
+    from dicomnode.registry import analyzer_class, available_analyzers
 
     directory = Path(directory or TEMPLATE_DIR)
     names = list(analyzers) if analyzers is not None else available_analyzers()

@@ -8,7 +8,7 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 import structlog
 
-from analyzers.base import (
+from dicomnode.analysis import (
     AnalysisResult,
     Analyzer,
     AnalyzerError,
@@ -25,7 +25,7 @@ from analyzers.base import (
     SourceRef,
     Study,
 )
-from analyzers.runtime import OnnxModel, resolve_entry
+from dicomnode.runtime import OnnxModel, resolve_entry
 
 from . import inference, preprocess
 from .constants import CLASSIFIER, INPUT_SIZE, LABELS, SEGMENTER, SEGMENTS
@@ -51,6 +51,7 @@ class ChestXrayThoracic(Analyzer):
 
     name: ClassVar[str] = "chest_xray_thoracic"
     version: ClassVar[str] = "1.1.0"
+    series_block: ClassVar[int] = 4
     batchable: ClassVar[bool] = True
     title: ClassVar[str] = "Chest radiograph: lungs, heart, cardiothoracic ratio and 14 thoracic findings"
     outputs: ClassVar[Outputs] = Outputs(

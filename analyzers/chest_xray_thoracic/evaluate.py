@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import numpy as np
 import pydicom
 
-from analyzers.base import AnalyzerSettings, Study
+from dicomnode.analysis import AnalyzerSettings, Study
 
 from .analyzer import ChestXrayThoracic, FINDING_KEYS
 from .constants import CLASSIFIER, SEGMENTER, SEGMENTS, SYNTHESISED

@@ -11,8 +11,8 @@ from typing import Callable
 
 import numpy as np
 
-from analyzers.base import NotApplicable
-from analyzers.imaging import resize
+from dicomnode.analysis import NotApplicable
+from dicomnode.imaging import resize
 
 from .constants import SEGMENTS
 from .postprocess import clean_masks

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy import ndimage
 
-from analyzers import imaging
-from analyzers.base import NotApplicable
+from dicomnode import imaging
+from dicomnode.analysis import NotApplicable
 
 from .constants import IMAGENET_MEAN, IMAGENET_STD, INPUT_SIZE
 

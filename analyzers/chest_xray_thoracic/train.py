@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from analyzers import phantoms
-from analyzers.base import RegistryEntry, sha256_file
+from dicomnode.analysis import RegistryEntry, sha256_file
 
 from . import phantom, preprocess
 from .evaluate import auroc, dice, youden_threshold
@@ -94,7 +94,7 @@ def _example(seed: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray,
 
 def seg_target(masks: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:
     """(3, rows, cols) bool masks to a (size, size) class-index map (SEG_CLASSES order)."""
-    from analyzers.imaging import resize
+    from dicomnode.imaging import resize
 
     out = np.zeros((size, size), np.uint8)
     for i, m in enumerate(masks):

@@ -16,8 +16,8 @@ from typing import Sequence
 import numpy as np
 import structlog
 
-from analyzers import imaging
-from analyzers.base import (
+from dicomnode import imaging
+from dicomnode.analysis import (
     AnalysisResult,
     Analyzer,
     Finding,
@@ -34,7 +34,7 @@ from analyzers.base import (
     SourceRef,
     Study,
 )
-from analyzers.runtime import OnnxModel, resolve_entry
+from dicomnode.runtime import OnnxModel, resolve_entry
 
 from . import preprocess as pp
 from .geometry import LEVELS, SCOLIOSIS_COBB_DEG, level_at
@@ -65,6 +65,7 @@ class DxaScoliosis(Analyzer):
 
     name = "dxa_scoliosis"
     version = "0.1.0"
+    series_block = 1
     title = "Scoliosis in whole-body DXA"
     outputs = Outputs(
         findings={"scoliosis": "boolean", "positioning_error": "boolean", "curves": CURVE_CLASSES},

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from analyzers.base import RegistryEntry, sha256_file
+from dicomnode.analysis import RegistryEntry, sha256_file
 
 from . import preprocess as pp
 from .phantom import PARTS, make_case
@@ -85,7 +85,7 @@ def load_studies(folder: Path) -> dict[str, np.ndarray]:
     """Studies in the phantom layout (see module docstring) as training arrays."""
     import pydicom
 
-    from analyzers import imaging
+    from dicomnode import imaging
 
     xs, mids, thicks, lab = [], [], [], []
     for truth_path in sorted(Path(folder).glob("*/truth.json")):

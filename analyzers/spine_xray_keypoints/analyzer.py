@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import numpy as np
 import structlog
 
-from analyzers.base import (
+from dicomnode.analysis import (
     AnalysisResult,
     Analyzer,
     AnalyzerError,
@@ -25,8 +25,8 @@ from analyzers.base import (
     Study,
     UncertaintyClass,
 )
-from analyzers.imaging import pixel_spacing
-from analyzers.runtime import OnnxModel, resolve_entry
+from dicomnode.imaging import pixel_spacing
+from dicomnode.runtime import OnnxModel, resolve_entry
 
 from . import inference, preprocess
 from .mensuration import CERVICAL, LEVELS, LUMBAR, POINT_KEYS, measure
@@ -107,6 +107,7 @@ class SpineXrayKeypoints(Analyzer):
 
     name = "spine_xray_keypoints"
     version = "1.2.0"
+    series_block = 3
     title = "Lateral spine radiograph keypoints with uncertainty and mensuration (BayeRegX)"
     outputs = Outputs(
         measurements=MEASUREMENT_UNITS,

@@ -11,7 +11,7 @@ from typing import Callable
 
 import numpy as np
 
-from analyzers.base import UncertaintyClass
+from dicomnode.analysis import UncertaintyClass
 
 from . import preprocess
 from .mensuration import LEVELS

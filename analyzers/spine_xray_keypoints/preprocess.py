@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy import ndimage
 
-from analyzers import imaging
+from dicomnode import imaging
 
 if TYPE_CHECKING:  # pragma: no cover
     import pydicom

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from analyzers import phantoms
-from analyzers.base import RegistryEntry, sha256_file
+from dicomnode.analysis import RegistryEntry, sha256_file
 
 from . import evaluation, inference, preprocess
 from .mensuration import LEVELS, measure

@@ -1,4 +1,4 @@
-"""Result encoders: an :class:`~analyzers.base.AnalysisResult` becomes standard DICOM objects.
+"""Result encoders: an :class:`~dicomnode.analysis.AnalysisResult` becomes standard DICOM objects.
 
 Every object is built with highdicom and joins the source study in a new series
 per analyzer and object type:
@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING
 import pydicom
 import structlog
 
-from analyzers.base import AnalysisResult, Study
-
+from ..analysis import AnalysisResult, Study
 from .common import EncoderContext, EncodingError, series_number
 from .gsps import encode_gsps
 from .sc import encode_heatmaps

@@ -5,31 +5,17 @@ from __future__ import annotations
 import datetime as _dt
 import zlib
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import highdicom as hd
 import pydicom
 from pydicom.sr.codedict import codes
-from pydicom.uid import generate_uid
 
 import dicomnode
-from analyzers.base import AnalysisResult, SourceRef, Study
-from analyzers.phantoms import SC_IMAGE, UID_PREFIX
 from sr_templates.loader import PRIVATE_SCHEME
 
-COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
-SEGMENTATION = "1.2.840.10008.5.1.4.1.1.66.4"
-SECONDARY_CAPTURE = SC_IMAGE
-GSPS = "1.2.840.10008.5.1.4.1.1.11.1"
-
-
-def stable_uid(*parts: str) -> str:
-    """A UID that is the same every time for the same parts (under the project's root)."""
-    return generate_uid(prefix=UID_PREFIX, entropy_srcs=[str(p) for p in parts])
-
-
-def new_uid() -> str:
-    return generate_uid(prefix=UID_PREFIX)
+from ..analysis import SERIES_LABELS, AnalysisResult, SourceRef, Study
+from ..uids import COMPREHENSIVE_3D_SR, GSPS, SECONDARY_CAPTURE, SEGMENTATION, new_uid, stable_uid  # noqa: F401 (used by the encoders)
 
 
 @dataclass
@@ -44,7 +30,7 @@ class EncoderContext:
     """Stable UID of this node; empty means derived from manufacturer, model and serial."""
     institution: str = ""
     series_number_base: int = 9000
-    """Result SeriesNumber = base + 10 × analyzer slot + object-type offset."""
+    """Result SeriesNumber = base + 10 × the analyzer's series block + object-type offset."""
     station_name: str = ""
 
     def __post_init__(self) -> None:
@@ -56,27 +42,19 @@ class EncodingError(ValueError):
     """The result cannot become a valid DICOM object; the message says which item and why."""
 
 
-# Fixed slots keep every analyzer's series numbers stable across nodes; others hash into 60..99.
-_ANALYZER_SLOTS = {
-    "dxa_scoliosis": 1,
-    "spine_mri_grading": 2,
-    "spine_xray_keypoints": 3,
-    "chest_xray_thoracic": 4,
-    "ct_vertebral_fracture": 5,
-}
 OBJECT_OFFSETS = {"SR": 0, "SEG": 1, "SC": 2, "GSPS": 3}
-SERIES_LABELS = {"SR": "SR", "SEG": "SEG", "SC": "heatmap", "GSPS": "annotations"}
 
 
-def series_number(ctx: EncoderContext, analyzer: str, kind: str) -> int:
-    slot = _ANALYZER_SLOTS.get(analyzer)
-    if slot is None:
-        slot = 6 + zlib.crc32(analyzer.encode()) % 4
-    return ctx.series_number_base + 10 * slot + OBJECT_OFFSETS[kind]
+def series_number(ctx: EncoderContext, analyzer: str, kind: str, block: int | None = None) -> int:
+    """The result series number of one object type; an analyzer without a fixed ``block`` hashes into blocks 6 to 9."""
+    if block is None:
+        block = 6 + zlib.crc32(analyzer.encode()) % 4
+    return ctx.series_number_base + 10 * block + OBJECT_OFFSETS[kind]
 
 
-def series_description(analyzer: str, kind: str, prefix: str | None = None) -> str:
-    return f"{prefix or 'AI ' + analyzer} {SERIES_LABELS[kind]}"[:64]
+def series_description(analyzer: str, kind: str, prefix: str | None = None, labels: Mapping[str, str] | None = None) -> str:
+    label = (labels or {}).get(kind) or SERIES_LABELS[kind]
+    return f"{prefix or 'AI ' + analyzer} {label}"[:64]
 
 
 def algorithm_version(result: AnalysisResult) -> str:

@@ -13,10 +13,10 @@ import highdicom as hd
 import numpy as np
 import pydicom
 
-from analyzers import imaging
-from analyzers.base import AnalysisResult, Region, Study, UncertaintyClass
 from sr_templates.loader import Template
 
+from .. import imaging
+from ..analysis import AnalysisResult, Region, Study, UncertaintyClass
 from .common import (
     EncoderContext,
     check_frame,
@@ -102,7 +102,7 @@ def _encode_one(result, ctx, template: Template, regions: list[Region], datasets
     gsps = hd.pr.GrayscaleSoftcopyPresentationState(
         referenced_images=referenced,
         series_instance_uid=series_uid,
-        series_number=series_number(ctx, result.analyzer, "GSPS"),
+        series_number=series_number(ctx, result.analyzer, "GSPS", result.series_block),
         sop_instance_uid=new_uid(),
         instance_number=number,
         manufacturer=ctx.manufacturer,
@@ -118,7 +118,7 @@ def _encode_one(result, ctx, template: Template, regions: list[Region], datasets
         institution_name=ctx.institution or None,
         contributing_equipment=contributing_equipment(result, ctx),
     )
-    description = series_description(result.analyzer, "GSPS", template.series_description)
+    description = series_description(result.analyzer, "GSPS", template.series_description, result.series_labels)
     return finish(gsps, referenced[0], ctx, description)
 
 

@@ -8,10 +8,10 @@ import pydicom
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 
-from analyzers import imaging
-from analyzers.base import AnalysisResult, Heatmap, Study
 from sr_templates.loader import Template
 
+from .. import imaging
+from ..analysis import AnalysisResult, Heatmap, Study
 from .common import (
     EncoderContext,
     EncodingError,
@@ -115,7 +115,7 @@ def _encode_one(result, study, ctx, template, heatmap: Heatmap, series_uid: str,
         coordinate_system="PATIENT",
         study_instance_uid=src.StudyInstanceUID,
         series_instance_uid=series_uid,
-        series_number=series_number(ctx, result.analyzer, "SC"),
+        series_number=series_number(ctx, result.analyzer, "SC", result.series_block),
         sop_instance_uid=new_uid(),
         instance_number=number,
         manufacturer=ctx.manufacturer,
@@ -142,7 +142,7 @@ def _encode_one(result, study, ctx, template, heatmap: Heatmap, series_uid: str,
     sc.DerivationDescription = f"Evidence heatmap for '{name}' from {result.analyzer} {result.analyzer_version} over the source image"[:1024]
     sc.SourceImageSequence = [_source_item(src, heatmap.source.frame)]
     sc.ContentDate = sc.get("ContentDate") or src.get("StudyDate", "")
-    description = series_description(result.analyzer, "SC", template.series_description)
+    description = series_description(result.analyzer, "SC", template.series_description, result.series_labels)
     return finish(sc, src, ctx, description)
 
 

@@ -8,10 +8,10 @@ import pydicom
 import structlog
 from pydicom.sr.codedict import codes
 
-from analyzers import imaging
-from analyzers.base import AnalysisResult, Segmentation, Study
 from sr_templates.loader import Template
 
+from .. import imaging
+from ..analysis import AnalysisResult, Segmentation, Study
 from .common import (
     EncoderContext,
     EncodingError,
@@ -90,7 +90,7 @@ def _encode_one(result, study, ctx, template, seg: Segmentation, algorithm, seri
     else:
         pixels = masks.astype(bool)
         seg_type = hd.seg.SegmentationTypeValues.BINARY
-    description = series_description(result.analyzer, "SEG", template.series_description)
+    description = series_description(result.analyzer, "SEG", template.series_description, result.series_labels)
     try:
         obj = hd.seg.Segmentation(
             source_images=sources,
@@ -98,7 +98,7 @@ def _encode_one(result, study, ctx, template, seg: Segmentation, algorithm, seri
             segmentation_type=seg_type,
             segment_descriptions=descriptions,
             series_instance_uid=series_uid,
-            series_number=series_number(ctx, result.analyzer, "SEG"),
+            series_number=series_number(ctx, result.analyzer, "SEG", result.series_block),
             sop_instance_uid=new_uid(),
             instance_number=number,
             manufacturer=ctx.manufacturer,

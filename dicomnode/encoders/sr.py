@@ -25,9 +25,9 @@ import pydicom
 from highdicom.sr import CodedConcept
 from pydicom.sr.codedict import codes
 
-from analyzers.base import AnalysisResult, Finding, Measurement, Region, SourceRef, Study, UncertaintyClass
 from sr_templates.loader import GENERIC_CODES, Template
 
+from ..analysis import AnalysisResult, Finding, Measurement, Region, SourceRef, Study, UncertaintyClass
 from .common import (
     EncoderContext,
     EncodingError,
@@ -171,7 +171,7 @@ def encode_sr(
         evidence=list(evidence.values()),
         content=report[0],
         series_instance_uid=new_uid(),
-        series_number=series_number(ctx, result.analyzer, "SR"),
+        series_number=series_number(ctx, result.analyzer, "SR", result.series_block),
         sop_instance_uid=new_uid(),
         instance_number=1,
         manufacturer=ctx.manufacturer,
@@ -179,7 +179,7 @@ def encode_sr(
         institution_name=ctx.institution or None,
         contributing_equipment=contributing_equipment(result, ctx),
     )
-    return finish(sr, first, ctx, series_description(result.analyzer, "SR", template.series_description))
+    return finish(sr, first, ctx, series_description(result.analyzer, "SR", template.series_description, result.series_labels))
 
 
 # ---------------------------------------------------------------------------

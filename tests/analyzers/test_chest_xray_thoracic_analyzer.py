@@ -7,14 +7,13 @@ import numpy as np
 import pydicom
 import pytest
 
-pytest.importorskip("onnxruntime")
-
-from analyzers.base import AnalyzerSettings, NotApplicable, Study, available_analyzers  # noqa: E402
-from analyzers.chest_xray_thoracic import phantom  # noqa: E402
-from analyzers.chest_xray_thoracic.analyzer import FINDING_KEYS, ChestXrayThoracic  # noqa: E402
-from analyzers.chest_xray_thoracic.evaluate import evaluate_folders  # noqa: E402
-from analyzers.chest_xray_thoracic.model import LABELS, SYNTHESISED  # noqa: E402
-from analyzers.phantoms import PhantomPatient, image_dataset  # noqa: E402
+from analyzers.chest_xray_thoracic import phantom
+from analyzers.chest_xray_thoracic.analyzer import FINDING_KEYS, ChestXrayThoracic
+from analyzers.chest_xray_thoracic.evaluate import evaluate_folders
+from analyzers.chest_xray_thoracic.model import LABELS, SYNTHESISED
+from analyzers.phantoms import PhantomPatient, image_dataset
+from dicomnode.analysis import AnalyzerSettings, NotApplicable, Study
+from dicomnode.registry import available_analyzers
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared"
 REAL = SHARED / "realdata"

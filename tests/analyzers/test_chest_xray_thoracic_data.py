@@ -9,7 +9,7 @@ import pydicom
 import pytest
 from PIL import Image
 
-from analyzers.base import NotApplicable
+from dicomnode.analysis import NotApplicable
 from analyzers.chest_xray_thoracic import data, phantom, preprocess
 from analyzers.chest_xray_thoracic.model import LABELS
 from analyzers.chest_xray_thoracic.postprocess import cardiothoracic_ratio, outline

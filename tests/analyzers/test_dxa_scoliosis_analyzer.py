@@ -11,7 +11,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from analyzers.base import AnalyzerSettings, Study
+from dicomnode.analysis import AnalyzerSettings, Study
 from analyzers.dxa_scoliosis.analyzer import DxaScoliosis
 from analyzers.dxa_scoliosis.phantom import make_case, write_study
 from sr_templates.loader import load_template, validate_template

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from analyzers.base import RegistryEntry
+from dicomnode.analysis import RegistryEntry
 from analyzers.dxa_scoliosis import train
 from analyzers.dxa_scoliosis.pipeline import MaskCalibration
 

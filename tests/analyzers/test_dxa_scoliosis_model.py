@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 
 torch = pytest.importorskip("torch")
-ort = pytest.importorskip("onnxruntime")
 
 from analyzers.dxa_scoliosis import pipeline  # noqa: E402
 from analyzers.dxa_scoliosis.model import ClsNet, SegNet, heaviside, scanline_losses  # noqa: E402

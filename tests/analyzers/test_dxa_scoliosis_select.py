@@ -9,7 +9,7 @@ import pydicom
 import pytest
 
 from analyzers import phantoms as ph
-from analyzers.base import NotApplicable, Study
+from dicomnode.analysis import NotApplicable, Study
 from analyzers.dxa_scoliosis import preprocess as pp
 from analyzers.dxa_scoliosis.analyzer import DxaScoliosis
 from analyzers.dxa_scoliosis.phantom import make_case, write_study

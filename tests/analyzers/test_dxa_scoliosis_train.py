@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from analyzers.base import RegistryEntry  # noqa: E402
+from dicomnode.analysis import RegistryEntry  # noqa: E402
 from analyzers.dxa_scoliosis import train  # noqa: E402
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from analyzers.base import AnalyzerSettings, NotApplicable, Study, UncertaintyClass
+from dicomnode.analysis import AnalyzerSettings, NotApplicable, Study, UncertaintyClass
 from analyzers.spine_xray_keypoints import evaluation
 from analyzers.spine_xray_keypoints.analyzer import HIGH_FLAG, SpineXrayKeypoints
 from analyzers.spine_xray_keypoints.mensuration import LEVELS, POINT_KEYS
@@ -153,7 +153,7 @@ def test_a_blank_lateral_image_is_declined_after_looking(analyzer: SpineXrayKeyp
 
 
 def test_a_registry_for_another_crop_size_is_refused(tmp_path: Path) -> None:
-    from analyzers.base import AnalyzerError, RegistryEntry
+    from dicomnode.analysis import AnalyzerError, RegistryEntry
 
     entry = RegistryEntry.load(WEIGHTS / "spine_xray_keypoints_cervical.json")
     entry.extra["crop_shape"] = [80, 160]

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from analyzers.base import UncertaintyClass
+from dicomnode.analysis import UncertaintyClass
 from analyzers.spine_xray_keypoints import inference, preprocess
 from analyzers.spine_xray_keypoints.mensuration import CERVICAL
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from analyzers.imaging import display_image, pixel_spacing
+from dicomnode.imaging import display_image, pixel_spacing
 from analyzers.spine_xray_keypoints.analyzer import SpineXrayKeypoints
 from analyzers.spine_xray_keypoints.mensuration import LEVELS
 from analyzers.spine_xray_keypoints.phantom import render

@@ -9,7 +9,7 @@ import pydicom
 import pytest
 
 from analyzers import phantoms
-from analyzers.base import NotApplicable, Study
+from dicomnode.analysis import NotApplicable, Study
 from analyzers.spine_xray_keypoints.analyzer import SpineXrayKeypoints
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared"

@@ -13,7 +13,7 @@ import pydicom
 import pytest
 import yaml
 
-from analyzers.base import analyzer_class
+from dicomnode.registry import analyzer_class
 from tests.dicomtools import dciodvfy
 from tests.peers import REPO, NodeProcess, Orthanc, have_peers, storescu_each_syntax
 

@@ -20,7 +20,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from analyzers.phantoms import CR_IMAGE, CT_IMAGE, PhantomPatient, image_dataset, save
+from analyzers.phantoms import PhantomPatient, image_dataset, save
+
+from dicomnode.uids import CR_IMAGE, CT_IMAGE
 from tests.dicomtools import dciodvfy
 from tests.peers import PEER_ENV, REPO, NodeProcess, Orthanc, have_peers, storescu
 

@@ -10,8 +10,8 @@ import pydicom
 from highdicom.sr.utils import find_content_items
 from pydicom.sr.codedict import codes
 
-from analyzers import imaging
-from analyzers.base import AnalysisResult, Region, Study
+from dicomnode import imaging
+from dicomnode.analysis import AnalysisResult, Region, Study
 from dicomnode.encoders.sr import QUALITATIVE_EVALUATIONS
 from sr_templates.loader import GENERIC_CODES, Template
 from tests.dicomtools import dciodvfy, dcmpschk, dsrdump

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from analyzers.base import (
+from dicomnode.analysis import (
     AnalysisResult,
     Finding,
     Heatmap,
@@ -18,7 +18,8 @@ from analyzers.base import (
     Study,
     UncertaintyClass,
 )
-from analyzers.phantoms import CR_IMAGE, PhantomPatient, image_dataset
+from analyzers.phantoms import PhantomPatient, image_dataset
+from dicomnode.uids import CR_IMAGE
 
 FIXTURE_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "encoders"
 ROWS, COLS = 256, 200
@@ -85,7 +86,7 @@ def fixture_result(study: Study) -> AnalysisResult:
 
 def ct_study(slices: int = 6, size: int = 64, seed: int = 1) -> Study:
     """A small axial CT series with full patient geometry (one instance per slice)."""
-    from analyzers.phantoms import CT_IMAGE, new_uid
+    from dicomnode.uids import CT_IMAGE, new_uid
 
     rng = np.random.default_rng(seed)
     patient = PhantomPatient.make(rng, "enc", 100 + seed, study_description="Encoder test CT")

@@ -8,7 +8,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from analyzers.base import Finding, Region, Segmentation, SourceRef, Study
+from dicomnode.analysis import Finding, Region, Segmentation, SourceRef, Study
 from dicomnode.encoders import EncoderContext, EncodingError, encode_result, series_number
 from dicomnode.encoders.sc import CAPTION
 from sr_templates.loader import load_template

@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
-from analyzers.base import Study
-from analyzers.phantoms import CR_IMAGE, PhantomPatient, image_dataset
+from dicomnode.analysis import Study
+from analyzers.phantoms import PhantomPatient, image_dataset
+from dicomnode.uids import CR_IMAGE
 from dicomnode.encoders import EncoderContext, encode_result
 from sr_templates.loader import load_template_file
 from tests.dicomtools import dciodvfy

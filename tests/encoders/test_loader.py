@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydicom.sr.codedict import codes
 
-from analyzers.base import Outputs
+from dicomnode.analysis import Outputs
 from sr_templates.loader import TemplateError, check_private_codes, load_template, load_template_file, validate_template
 from tests.encoders.results import FIXTURE_DIR
 
@@ -88,7 +88,7 @@ def test_private_code_with_two_meanings_is_refused(tmp_path):
 
 
 def test_check_all_refuses_a_missing_template_and_a_clash_across_files(tmp_path):
-    from analyzers.base import available_analyzers
+    from dicomnode.registry import available_analyzers
     from sr_templates.loader import check_all
 
     with pytest.raises(TemplateError, match="analyzer 'no_such_analyzer' cannot be loaded"):

@@ -12,7 +12,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from analyzers.base import AnalysisResult, Finding, Heatmap, Measurement, ModelInfo, Region, Segmentation, SourceRef, Study
+from dicomnode.analysis import AnalysisResult, Finding, Heatmap, Measurement, ModelInfo, Region, Segmentation, SourceRef, Study
 from dicomnode.encoders import EncoderContext, encode_result
 from sr_templates.loader import load_template
 from tests.encoders.checks import SEG_CLASS, check_all

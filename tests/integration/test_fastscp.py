@@ -17,7 +17,9 @@ import pydicom
 import pytest
 from pynetdicom import AE
 
-from analyzers.phantoms import CR_IMAGE, CT_IMAGE, PhantomPatient, image_dataset, save
+from analyzers.phantoms import PhantomPatient, image_dataset, save
+
+from dicomnode.uids import CR_IMAGE, CT_IMAGE
 from dicomnode.fastscp import (
     IMPLEMENTATION_CLASS_UID, AssociateRequest, FastStorageSCP, StoreRequest, encode_command, negotiate,
     parse_command,

@@ -17,7 +17,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from analyzers.phantoms import CR_IMAGE, CT_IMAGE, PhantomPatient, image_dataset, save
+from analyzers.phantoms import PhantomPatient, image_dataset, save
+
+from dicomnode.uids import CR_IMAGE, CT_IMAGE
 from dicomnode import dul
 from dicomnode.fastscp import FastStorageSCP, encode_associate_ac, negotiate, parse_associate_rq
 from dicomnode.fastscu import (

@@ -10,7 +10,9 @@ import pydicom
 import pytest
 from pynetdicom import AE
 
-from analyzers.phantoms import CR_IMAGE, CT_IMAGE, PhantomPatient, image_dataset, save
+from analyzers.phantoms import PhantomPatient, image_dataset, save
+
+from dicomnode.uids import CR_IMAGE, CT_IMAGE
 from dicomnode.config import Config
 from dicomnode.receiver import Receiver
 from dicomnode.store import Store

@@ -6,7 +6,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from analyzers.phantoms import CR_IMAGE, PhantomPatient, image_dataset
+from analyzers.phantoms import PhantomPatient, image_dataset
+
+from dicomnode.uids import CR_IMAGE
 from dicomnode.config import Config
 from dicomnode.receiver import record_from
 from dicomnode.store import Store
@@ -92,7 +94,6 @@ def test_batch_size_one_and_plain_analyzers_run_one_job_at_a_time(worker_and_stu
 
 def test_chest_studies_queued_together_are_analysed_in_one_batch(tmp_path):
     """The bundled chest analyzer batches: three studies, one batch, three sets of result objects."""
-    pytest.importorskip("onnxruntime")
     from analyzers.chest_xray_thoracic import phantom
 
     cfg = Config.model_validate({

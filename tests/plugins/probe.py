@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from analyzers import imaging
-from analyzers.base import Analyzer, Finding, Heatmap, Measurement, ModelInfo, NotApplicable, Outputs, Region, SourceRef
+from dicomnode import imaging
+from dicomnode.analysis import Analyzer, Finding, Heatmap, Measurement, ModelInfo, NotApplicable, Outputs, Region, SourceRef
 
 
 class IntensityProbe(Analyzer):

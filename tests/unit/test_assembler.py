@@ -3,7 +3,9 @@
 import numpy as np
 import pytest
 
-from analyzers.phantoms import CR_IMAGE, PhantomPatient, image_dataset
+from analyzers.phantoms import PhantomPatient, image_dataset
+
+from dicomnode.uids import CR_IMAGE
 from dicomnode.assembler import Assembler, RulesHolder
 from dicomnode.config import Config
 from dicomnode.queue import JobQueue

@@ -3,18 +3,19 @@ import json
 import numpy as np
 import pytest
 
-from analyzers.base import (
+from analyzers.phantoms import PhantomPatient, image_dataset
+from dicomnode import imaging
+from dicomnode.analysis import (
     NotApplicable,
     Region,
     RegistryEntry,
     Segmentation,
     SourceRef,
     Study,
-    available_analyzers,
     sha256_file,
 )
-from analyzers import imaging
-from analyzers.phantoms import PhantomPatient, image_dataset, CR_IMAGE
+from dicomnode.registry import available_analyzers
+from dicomnode.uids import CR_IMAGE
 
 
 def _cr(pixels, **kw):

@@ -11,8 +11,9 @@ import pytest
 import structlog
 import yaml
 
-from analyzers.base import Analyzer, ModelInfo, sha256_file
-from analyzers.phantoms import CR_IMAGE, CT_IMAGE, PhantomPatient, image_dataset, save
+from dicomnode.analysis import Analyzer, ModelInfo, sha256_file
+from analyzers.phantoms import PhantomPatient, image_dataset, save
+from dicomnode.uids import CR_IMAGE, CT_IMAGE
 from dicomnode.cli import main
 from dicomnode.outbox import Outbox
 from dicomnode.queue import JobQueue

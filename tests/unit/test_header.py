@@ -14,7 +14,9 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence
 
-from analyzers.phantoms import CR_IMAGE, PhantomPatient, image_dataset
+from analyzers.phantoms import PhantomPatient, image_dataset
+
+from dicomnode.uids import CR_IMAGE
 from dicomnode import header as header_mod
 from dicomnode.header import KEYWORDS, header_from_dataset, parse_dataset, read_header
 

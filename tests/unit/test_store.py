@@ -3,7 +3,9 @@
 import numpy as np
 import pydicom
 
-from analyzers.phantoms import CT_IMAGE, PhantomPatient, image_dataset, save
+from analyzers.phantoms import PhantomPatient, image_dataset, save
+
+from dicomnode.uids import CT_IMAGE
 from dicomnode.receiver import reindex_file
 from dicomnode.store import Store
 

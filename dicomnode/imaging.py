@@ -1,4 +1,4 @@
-"""Pure image helpers shared by the analyzers' ``preprocess.py``: pixels, photometry, spacing."""
+"""Pure image helpers for the analyzers' ``preprocess.py`` and the encoders: pixels, photometry, spacing, resizing."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 if TYPE_CHECKING:  # pragma: no cover
     import pydicom
 
-from .base import NotApplicable
+from .analysis import NotApplicable
 
 
 def frames(ds: "pydicom.Dataset") -> np.ndarray:
