@@ -945,7 +945,7 @@ def _prune(folder: Path, stop: Path) -> None:
 
 
 def _device(cfg: Config | None) -> str:
-    from analyzers.runtime import providers_for
+    from .runtime import providers_for
 
     try:
         first = providers_for(cfg.analyzers.device if cfg else "auto")[0]
@@ -980,7 +980,7 @@ def model_rows(cfg: Config | None) -> list[dict[str, Any]]:
 
 def verify_models(cfg: Config | None, names: list[str] | None = None) -> list[dict[str, Any]]:
     """Per analyzer: checksums of its weight files, each ONNX file loads, one warm-up inference."""
-    from analyzers.base import sha256_file
+    from .analysis import sha256_file
 
     from .registry import analyzer_names, build
 

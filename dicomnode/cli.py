@@ -104,7 +104,7 @@ def read_studies(files: list[Path]):
     from pydicom import dcmread
     from pydicom.errors import InvalidDicomError
 
-    from analyzers.base import Instance, Study
+    from .analysis import Instance, Study
 
     datasets, paths, skipped = [], [], []
     for f in files:
@@ -169,7 +169,7 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from analyzers.base import NotApplicable
+    from .analysis import NotApplicable
 
     from .encoders import encode_result
     from .logs import setup_logging

@@ -326,7 +326,7 @@ class Store:
 
     def load_study(self, study_uid: str, series_uids: list[str] | None = None):
         """The study as the analyzers see it (``analyzers.base.Study``), from the index."""
-        from analyzers.base import Instance, Series, Study
+        from .analysis import Instance, Series, Study
 
         series = []
         for s in self.series_of(study_uid):
