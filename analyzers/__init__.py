@@ -1,1 +1,1 @@
-"""dicomnode analyzers: one sub-package per published method, plus the contract in ``base``."""
+"""dicomnode analyzers: one sub-package per published method, each laid out alike; they import the core's contract (``dicomnode.analysis``)."""

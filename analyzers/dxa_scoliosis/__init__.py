@@ -1,7 +1,9 @@
 """Scoliosis in whole-body DXA scans through intermediate representations (Jamaludin et al.).
 
-``model.py`` the two networks, ``preprocess.py`` height normalisation and view
-checks, ``pipeline.py`` inference maths, ``geometry.py`` curve geometry,
-``analyzer.py`` the contract, ``phantom.py`` synthetic studies, ``train.py``
-training and evaluation, ``weights/`` the bundled phantom-trained ONNX files.
+``constants.py`` parts, classes and levels, ``model.py`` the two networks,
+``preprocess.py`` height normalisation and view checks, ``inference.py`` the
+array pipeline, ``geometry.py`` curve geometry, ``evaluate.py`` held-out
+figures, ``analyzer.py`` the contract, ``phantom.py`` synthetic studies,
+``train.py`` training and calibration, ``weights/`` the bundled phantom-trained
+ONNX files.
 """

@@ -37,14 +37,13 @@ from dicomnode.analysis import (
 from dicomnode.runtime import OnnxModel, resolve_entry
 
 from . import preprocess as pp
-from .geometry import LEVELS, SCOLIOSIS_COBB_DEG, level_at
-from .pipeline import MaskCalibration, Prediction, deviation_mm, predict
+from .constants import CURVE_CLASSES, LEVELS, PARTS, SCOLIOSIS_COBB_DEG
+from .geometry import level_at
+from .inference import MaskCalibration, Prediction, deviation_mm, predict
 
 log = structlog.get_logger("dicomnode.analyzers.dxa_scoliosis")
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
-PARTS = ("head", "spine", "pelvis", "pelvic_cavity", "left_leg", "right_leg")
-CURVE_CLASSES = ("0", "1", ">1")
 GROUP = "Spine"
 MAX_CURVES = 3
 

@@ -21,9 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-PARTS = ("head", "spine", "pelvis", "pelvic_cavity", "left_leg", "right_leg")
-HEAVISIDE_K = 10.0
-CURVE_CLASSES = ("0", "1", ">1")
+from .constants import CURVE_CLASSES, HEAVISIDE_K, PARTS  # noqa: F401 (re-exported for training)
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:

@@ -26,10 +26,11 @@ import numpy as np
 
 from analyzers import phantoms as ph
 
-from .geometry import LEVEL_HEIGHTS, LEVELS, count_curves, curve_class, curves_from_angles, lateral_deviation
+from .constants import LEVEL_HEIGHTS, LEVELS, PARTS
+from .geometry import count_curves, curve_class, curves_from_angles, lateral_deviation
 
-PARTS: tuple[str, ...] = ("head", "spine", "pelvis", "pelvic_cavity", "left_leg", "right_leg")
 BMD_SC = ph.SC_IMAGE
+
 
 def _entire_body() -> list:
     from pydicom.dataset import Dataset

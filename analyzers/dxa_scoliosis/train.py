@@ -9,7 +9,7 @@ Usage::
 writes them: DICOM files, ``truth.json`` (``wb_bone_sop_uid``, ``scoliosis``,
 ``positioning_error``, ``curves_class``, ``cobb_deg``) and ``truth_masks.npz``
 (``masks``: 6 x rows x columns on the bone image's grid, parts in the order of
-``model.PARTS``). The paper's ALSPAC data are not public and have no published
+``constants.PARTS``). The paper's ALSPAC data are not public and have no published
 file format, so real labels have to be brought into this layout.
 
 Seeds: training phantoms use ``--seed`` (default 1), the calibration set
@@ -30,8 +30,10 @@ import numpy as np
 from dicomnode.analysis import RegistryEntry, sha256_file
 
 from . import preprocess as pp
-from .phantom import PARTS, make_case
-from .pipeline import MaskCalibration, midpoints, mirror, part_maps, predict, rebuild_masks, run_centres
+from .constants import HEAVISIDE_K, PARTS
+from .evaluate import evaluate
+from .inference import MaskCalibration, midpoints, mirror, part_maps, rebuild_masks, run_centres
+from .phantom import make_case
 
 VERSION = "0.1.0"
 CURVE_INDEX = {"0": 0, "1": 1, ">1": 2}
@@ -277,39 +279,6 @@ def onnx_fns(seg_path: Path, cls_path: Path):
     return seg_fn, cls_fn
 
 
-def evaluate(data: dict[str, np.ndarray], seg_fn, cls_fn, sigma: float, cal: MaskCalibration | None = None) -> dict[str, Any]:
-    """Held-out figures: part IoU, accuracies, Spearman(score, Cobb), Cobb MAE."""
-    from scipy.stats import spearmanr
-
-    n = len(data["x"])
-    p_s, p_p, p_c, cobb_est, ious = [], [], [], [], []
-    for i in range(n):
-        x = data["x"][i].astype(np.float32) / 255.0
-        pred = predict(x, seg_fn, cls_fn, sigma, cal=cal)
-        p_s.append(pred.p_scoliosis)
-        p_p.append(pred.p_positioning)
-        p_c.append(pred.p_curves)
-        cobb_est.append(pred.geometry.cobb if pred.geometry else np.nan)
-        true = rebuild_masks(np.nan_to_num(data["mid"][i].astype(np.float32), nan=0.0), data["thick"][i].astype(np.float32))
-        inter = (pred.masks & true).sum((1, 2))
-        union = (pred.masks | true).sum((1, 2))
-        ious.append(np.where(union > 0, inter / np.maximum(union, 1), 1.0))
-    p_s, p_p, p_c, cobb_est, ious = np.array(p_s), np.array(p_p), np.array(p_c), np.array(cobb_est), np.array(ious)
-    sc, po, cu, cobb = data["scoliosis"], data["positioning"], data["curves"], data["cobb"]
-    ok = np.isfinite(cobb_est)
-    return {
-        "n": int(n),
-        "iou": {p: round(float(ious[:, k].mean()), 4) for k, p in enumerate(PARTS)},
-        "scoliosis_accuracy": round(float(((p_s >= 0.5) == (sc == 1)).mean()), 4),
-        "positioning_accuracy": round(float(((p_p >= 0.5) == (po == 1)).mean()), 4),
-        "curves_accuracy": round(float((p_c.argmax(1) == cu).mean()), 4),
-        "spearman_score_cobb": round(float(spearmanr(p_s, cobb).statistic), 4),
-        "cobb_mae_deg": round(float(np.abs(cobb_est[ok] - cobb[ok]).mean()), 3) if ok.any() else None,
-        "cobb_missing": int((~ok).sum()),
-        "geometric_scoliosis_accuracy": round(float(((np.nan_to_num(cobb_est) >= 10) == (sc == 1)).mean()), 4),
-    }
-
-
 def _seg_pair(seg_fn, x_u8: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     x = x_u8.astype(np.float32) / 255.0
     y = seg_fn(np.stack([x, x[:, ::-1]])[:, None].astype(np.float32))
@@ -364,7 +333,7 @@ def calibrate_masks(data: dict[str, np.ndarray], seg_fn, taus=(1.5, 2.5, 3.5, 4.
 
 def calibrate_sigma(data: dict[str, np.ndarray], seg_fn, cal: MaskCalibration, candidates=(2.0, 3.0, 4.0, 6.0, 8.0)) -> tuple[float, dict[str, float]]:
     """Midline smoothing (rows) that minimises the Cobb error on the calibration phantoms."""
-    from .pipeline import spine_geometry
+    from .inference import spine_geometry
 
     spines = []
     for x in data["x"]:
@@ -458,7 +427,7 @@ def finish(args: argparse.Namespace, seg_path: Path, cls_path: Path, n_train: in
     io = {"rows": pp.ROWS, "cols": pp.COLS}
     RegistryEntry(
         name="dxa_scoliosis_seg", version=VERSION, file=seg_path.name, sha256=sha256_file(seg_path), phantom_trained=phantom,
-        extra={"input": io, "parts": list(PARTS), "heaviside_k": 10.0, "width": args.seg_width, "midline_sigma_rows": sigma, "min_swing_deg": 4.0, "mask_calibration": cal.to_json()},
+        extra={"input": io, "parts": list(PARTS), "heaviside_k": HEAVISIDE_K, "width": args.seg_width, "midline_sigma_rows": sigma, "min_swing_deg": 4.0, "mask_calibration": cal.to_json()},
     ).save(args.out / "dxa_scoliosis_seg.json")
     RegistryEntry(
         name="dxa_scoliosis_cls", version=VERSION, file=cls_path.name, sha256=sha256_file(cls_path), phantom_trained=phantom,

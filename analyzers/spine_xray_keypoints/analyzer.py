@@ -29,7 +29,8 @@ from dicomnode.imaging import pixel_spacing
 from dicomnode.runtime import OnnxModel, resolve_entry
 
 from . import inference, preprocess
-from .mensuration import CERVICAL, LEVELS, LUMBAR, POINT_KEYS, measure
+from .constants import CERVICAL, LEVELS, LUMBAR, POINT_KEYS
+from .mensuration import measure
 
 log = structlog.get_logger("dicomnode.analyzers.spine_xray_keypoints")
 

@@ -14,7 +14,7 @@ import numpy as np
 from dicomnode.analysis import UncertaintyClass
 
 from . import preprocess
-from .mensuration import LEVELS
+from .constants import LEVELS
 
 DetectorFn = Callable[[np.ndarray], np.ndarray]
 """(1, 1, S, S) image -> (1, 5 + classes, G, G) grid."""

@@ -18,12 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .constants import LEVELS
+
 AS, PS, PI, AI, SP = range(5)
-N_POINTS_PER_VERTEBRA = 5
-POINT_KEYS = ("anterior_superior_corner", "posterior_superior_corner", "posterior_inferior_corner", "anterior_inferior_corner", "spinous_process")
-CERVICAL = ("C3", "C4", "C5", "C6", "C7")
-LUMBAR = ("L1", "L2", "L3", "L4", "L5")
-LEVELS = {"cervical": CERVICAL, "lumbar": LUMBAR}
 
 
 @dataclass

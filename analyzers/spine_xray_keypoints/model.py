@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-N_POINTS = 5
+from .constants import N_POINTS_PER_VERTEBRA
 
 
 def aleatoric_loss(mean: torch.Tensor, logvar: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -86,7 +86,7 @@ class BayeCBAMKeypointNet(nn.Module):
         a corner patch.
     """
 
-    def __init__(self, width: int = 12, hidden: int = 128, p_drop: float = 0.25, pool: tuple[int, int] = (4, 8), n_points: int = N_POINTS) -> None:
+    def __init__(self, width: int = 12, hidden: int = 128, p_drop: float = 0.25, pool: tuple[int, int] = (4, 8), n_points: int = N_POINTS_PER_VERTEBRA) -> None:
         super().__init__()
         w = width
         # five 3x3 convolutions after an early stride-2 + pool stem, as AlexNet's large stride does

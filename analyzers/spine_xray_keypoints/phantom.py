@@ -24,7 +24,8 @@ from scipy import ndimage
 
 from analyzers import phantoms
 
-from .mensuration import CERVICAL, LEVELS, LUMBAR, measure
+from .constants import CERVICAL, LEVELS, LUMBAR
+from .mensuration import measure
 
 REGION_BODY_PART = {"cervical": "CSPINE", "lumbar": "LSPINE"}
 

@@ -34,8 +34,9 @@ import torch.nn.functional as F
 from analyzers import phantoms
 from dicomnode.analysis import RegistryEntry, sha256_file
 
-from . import evaluation, inference, preprocess
-from .mensuration import LEVELS, measure
+from . import evaluate, inference, preprocess
+from .constants import LEVELS
+from .mensuration import measure
 from .model import BayeCBAMKeypointNet, MCDropoutKeypoints, VertebraDetector, aleatoric_loss
 from .phantom import phantom_dataset, render
 
@@ -428,14 +429,14 @@ def onnx_functions(det_path: Path, kp_path: Path) -> tuple[inference.DetectorFn,
     return det_fn, _kp_session(kp_path)
 
 
-def _predict_one(args: tuple[str, tuple[int, ...], str, str, str | None, int, float, float, float, bool, str | None]) -> tuple[evaluation.StudyRecord, list[tuple[float, float, bool]]]:
+def _predict_one(args: tuple[str, tuple[int, ...], str, str, str | None, int, float, float, float, bool, str | None]) -> tuple[evaluate.StudyRecord, list[tuple[float, float, bool]]]:
     region, seed, det_path, kp_path, body_path, hidden, p_drop, tau1, tau2, flip, corner_path = args
     det_fn, kp_fn = onnx_functions(Path(det_path), Path(kp_path))
     body_fn = _kp_session(Path(body_path)) if body_path else None
     corner_fn = _kp_session(Path(corner_path)) if corner_path else None
     img, spacing, points, visible = _phantom_image(region, seed)
     preds = inference.predict(img, spacing, region, det_fn, kp_fn, hidden, p_drop, samples=MC_SAMPLES, seed=0, body_fn=body_fn, flip=flip, corner_fn=corner_fn)
-    rec = evaluation.StudyRecord(
+    rec = evaluate.StudyRecord(
         region=region,
         spacing=spacing,
         truth_points=points,
@@ -472,7 +473,7 @@ def run_eval(
     body_path: Path | None = None,
     flip: bool = False,
     corner_path: Path | None = None,
-) -> tuple[list[evaluation.StudyRecord], list[tuple[float, float, bool]]]:
+) -> tuple[list[evaluate.StudyRecord], list[tuple[float, float, bool]]]:
     body = str(body_path) if body_path is not None else None
     corner = str(corner_path) if corner_path is not None else None
     jobs = [(region, (REGION_CODE[region], split, i), str(det_path), str(kp_path), body, hidden, p_drop, tau[0], tau[1], flip, corner) for i in range(n)]
@@ -612,10 +613,10 @@ def main(argv: list[str] | None = None) -> int:
         tau1, tau2 = inference.calibrate(s, e, invisible_sigma=s[vis < 0.5])
         _log("calibrated", region=region, tau1=round(tau1, 4), tau2=round(tau2, 4))
         records, _ = run_eval(region, 3, args.test, det_path, kp_path, args.hidden, kp.p_drop, (tau1, tau2), args.workers, use_body, not args.no_flip, use_corner)
-        m = evaluation.score(records)
+        m = evaluate.score(records)
         m["version"] = args.version
         m["tau1_mm"], m["tau2_mm"] = tau1, tau2
-        m["target_misses"] = evaluation.failures(m)
+        m["target_misses"] = evaluate.failures(m)
         metrics[region] = m
         _log("held-out", region=region, **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in m.items()})
         _entry(f"spine_xray_detector_{region}", det_path, args.out, {"input_size": preprocess.DETECTOR_SIZE, "labels": list(LEVELS[region]), "region": region}, args.version)

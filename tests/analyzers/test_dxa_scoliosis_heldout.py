@@ -14,7 +14,7 @@ import pytest
 
 from dicomnode.analysis import RegistryEntry
 from analyzers.dxa_scoliosis import train
-from analyzers.dxa_scoliosis.pipeline import MaskCalibration
+from analyzers.dxa_scoliosis.inference import MaskCalibration
 
 WEIGHTS = Path(train.__file__).resolve().parent / "weights"
 

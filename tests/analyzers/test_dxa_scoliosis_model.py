@@ -8,7 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from analyzers.dxa_scoliosis import pipeline  # noqa: E402
+from analyzers.dxa_scoliosis import inference  # noqa: E402
 from analyzers.dxa_scoliosis.model import ClsNet, SegNet, heaviside, scanline_losses  # noqa: E402
 from analyzers.dxa_scoliosis.train import _mid_distribution, export, targets  # noqa: E402
 
@@ -78,8 +78,8 @@ def test_scanline_losses_prefer_the_true_midpoint_and_thickness():
     assert lt_good < lt_thin
     # the rebuilt mask of the ideal output is the labelled part
     y = good[0].numpy()
-    mid_hat, thick_hat = pipeline.midpoints(y)
-    rebuilt = pipeline.rebuild_masks(mid_hat, thick_hat)
+    mid_hat, thick_hat = inference.midpoints(y)
+    rebuilt = inference.rebuild_masks(mid_hat, thick_hat)
     iou = (rebuilt[1] & masks[0, 1]).sum() / (rebuilt[1] | masks[0, 1]).sum()
     assert iou > 0.95
     assert float(heaviside(torch.tensor(0.5))) == pytest.approx(0.5)
@@ -88,5 +88,5 @@ def test_scanline_losses_prefer_the_true_midpoint_and_thickness():
 def test_mirror_swaps_legs():
     soft = np.zeros((1, 6, 4, 8), np.float32)
     soft[0, 4, :, 1] = 1.0
-    out = pipeline.mirror(soft)
+    out = inference.mirror(soft)
     assert out[0, 5, 0, 6] == 1.0 and out[0, 4].sum() == 0

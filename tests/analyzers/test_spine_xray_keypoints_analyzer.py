@@ -10,9 +10,9 @@ import pydicom
 import pytest
 
 from dicomnode.analysis import AnalyzerSettings, NotApplicable, Study, UncertaintyClass
-from analyzers.spine_xray_keypoints import evaluation
+from analyzers.spine_xray_keypoints import evaluate
 from analyzers.spine_xray_keypoints.analyzer import HIGH_FLAG, SpineXrayKeypoints
-from analyzers.spine_xray_keypoints.mensuration import LEVELS, POINT_KEYS
+from analyzers.spine_xray_keypoints.constants import LEVELS, POINT_KEYS
 from analyzers.spine_xray_keypoints.phantom import write_phantoms
 
 # seeds of write_phantoms are (seed, i); training used (region, split, i): these studies are fresh
@@ -45,9 +45,9 @@ def _run(analyzer: SpineXrayKeypoints, folder: Path):
     return analyzer.analyze(analyzer.select(Study.from_datasets([ds], [path]))), truth
 
 
-def _record(result, truth) -> evaluation.StudyRecord:
+def _record(result, truth) -> evaluate.StudyRecord:
     spacing = tuple(truth["pixel_spacing"])
-    rec = evaluation.StudyRecord(
+    rec = evaluate.StudyRecord(
         region=truth["region"],
         spacing=spacing,
         truth_points={k: np.asarray(v["points"]) for k, v in truth["vertebrae"].items()},
@@ -99,14 +99,14 @@ def _evaluate(analyzer: SpineXrayKeypoints, out: Path, n: int, seed: int, region
     for folder in write_phantoms(out, n, seed, region=region):
         result, truth = _run(analyzer, folder)
         records.append(_record(result, truth))
-    return evaluation.score(records)
+    return evaluate.score(records)
 
 
 def _check_against_record(m: dict, region: str, slack_scale: float) -> None:
     """Targets met on the held-out set are met here; missed ones are no worse than recorded."""
     held = json.loads((WEIGHTS / "metrics.json").read_text())[region]
     assert m["vertebrae_found_fraction"] >= 0.95
-    for key, (op, bound) in evaluation.TARGETS.items():
+    for key, (op, bound) in evaluate.TARGETS.items():
         fresh, recorded = m[key], held[key]
         if not (np.isfinite(fresh) and np.isfinite(recorded)):
             continue

@@ -9,7 +9,7 @@ import pytest
 
 from dicomnode.analysis import UncertaintyClass
 from analyzers.spine_xray_keypoints import inference, preprocess
-from analyzers.spine_xray_keypoints.mensuration import CERVICAL
+from analyzers.spine_xray_keypoints.constants import CERVICAL
 
 GRID = 16
 

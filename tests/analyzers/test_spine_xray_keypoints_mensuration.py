@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from analyzers.spine_xray_keypoints.mensuration import CERVICAL, measure
+from analyzers.spine_xray_keypoints.constants import CERVICAL
+from analyzers.spine_xray_keypoints.mensuration import measure
 
 SPACING = (0.5, 0.25)  # (row, column) mm: anisotropic on purpose
 

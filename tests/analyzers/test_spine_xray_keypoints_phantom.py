@@ -10,7 +10,7 @@ import pydicom
 
 from dicomnode.imaging import display_image, pixel_spacing
 from analyzers.spine_xray_keypoints.analyzer import SpineXrayKeypoints
-from analyzers.spine_xray_keypoints.mensuration import LEVELS
+from analyzers.spine_xray_keypoints.constants import LEVELS
 from analyzers.spine_xray_keypoints.phantom import render
 
 

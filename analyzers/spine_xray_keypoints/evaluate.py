@@ -1,4 +1,4 @@
-"""Scoring predicted keypoints, uncertainty classes and measurements against phantom truth."""
+"""Torch-free metrics: predicted keypoints, uncertainty classes and measurements scored against phantom truth."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Inference maths shared by the analyzer and the held-out evaluation of ``train.py``.
+"""The array pipeline shared by the analyzer and the held-out evaluation (``evaluate.py``).
 
 The networks are passed in as callables (ONNX Runtime sessions in the
 analyzer, the same sessions in the evaluation), so the figures in
@@ -13,6 +13,7 @@ from typing import Callable
 import numpy as np
 from scipy import ndimage
 
+from .constants import HEAVISIDE_K
 from .geometry import Curve, curves_from_angles, lateral_deviation, level_at, midline_angles
 from .preprocess import COLS, ROWS
 
@@ -22,7 +23,6 @@ ClsFn = Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]]
 """(image, soft mask) -> {"p_scoliosis", "p_positioning", "p_curves", "evidence"}."""
 
 LEFT_LEG, RIGHT_LEG = 4, 5
-HEAVISIDE_K = 10.0
 
 
 def heaviside(y: np.ndarray) -> np.ndarray:
