@@ -19,10 +19,10 @@ from tests.peers import echoscu, storescu, storescu_each_syntax
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(params=["fast", "pynetdicom"])
-def node(tmp_path, request):
+@pytest.fixture()
+def node(tmp_path):
     cfg = Config.model_validate({
-        "node": {"host": "127.0.0.1", "port": 0, "network_timeout": 10, "engine": request.param},
+        "node": {"host": "127.0.0.1", "port": 0, "network_timeout": 10},
         "storage": {"data_dir": str(tmp_path / "data")},
         "callers": [{"ae_title": "STORESCU", "host": "127.0.0.1"}, {"ae_title": "ECHOSCU"}, {"ae_title": "PYSCU"}],
     })
@@ -128,7 +128,7 @@ def test_large_instances_are_written_while_they_arrive(node, tmp_path):
         assert _dataset_bytes(stored) == _dataset_bytes(f)
         assert pydicom.dcmread(stored).file_meta.SourceApplicationEntityTitle == "STORESCU"
     assert store.studies()[0]["n_instances"] == 3
-    assert len(opened) == (4 if rx.cfg.node.engine == "fast" else 0)
+    assert len(opened) == 4
 
     truncated = tmp_path / "truncated.dcm"
     data = files[0].read_bytes()

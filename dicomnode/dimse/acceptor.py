@@ -1,22 +1,16 @@
-"""A lean DICOM upper-layer acceptor for C-STORE and C-ECHO: the receiver's hot path.
+"""The C-STORE and C-ECHO service class provider: the receiver's upper layer, one blocking thread per association.
 
-pynetdicom's acceptor polls its DUL and reactor threads (a sleep per loop), which caps a single
-association at about 150 small instances per second. This module speaks the upper layer
-(PS3.8) itself with one blocking thread per association: read a PDU header, ``recv_into`` the
-body, walk its PDV items, hand the data set bytes to a ``store`` callback exactly as they
-arrived, and answer with a C-STORE-RSP encoded here. Association negotiation follows PS3.8
-section 9.3 and 9.3.2-9.3.4; the DIMSE command set is always Implicit VR Little Endian (PS3.7
-section 6.3.1).
-
-PDU, item and command-set encoding shared with the sender's requestor lives in
-:mod:`dicomnode.dul`; query/retrieve stays with pynetdicom.
+Each connection reads a PDU header, ``recv_into`` its body, walks its PDV items and hands the data
+set bytes to a ``store`` callback exactly as they arrived, then answers with a C-STORE-RSP. A data
+set that grows past ``incoming_after`` bytes goes to a file while it arrives instead of memory.
+Negotiation follows PS3.8 9.3.2-9.3.4: Verification in Implicit VR Little Endian, storage
+contexts in the sender's first standard transfer syntax (the node keeps instances as they came).
 """
 
 from __future__ import annotations
 
 import socket
 import ssl
-import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -24,26 +18,21 @@ from typing import Any, Callable
 
 import structlog
 
-from .dul import (
-    ABORT, ABORT_INVALID_PARAMETER, ABORT_NOT_SPECIFIED, ABORT_UNEXPECTED_PARAMETER, ABORT_UNEXPECTED_PDU,
-    ABORT_UNRECOGNIZED_PDU, APPLICATION_CONTEXT, ASSOCIATE_AC, ASSOCIATE_RJ, ASSOCIATE_RQ, C_CANCEL_RQ, C_ECHO_RQ,
-    C_ECHO_RSP, C_STORE_RQ, C_STORE_RSP, CANNOT_UNDERSTAND, CONTEXT_ABSTRACT_SYNTAX_NOT_SUPPORTED, CONTEXT_ACCEPTED,
-    CONTEXT_TRANSFER_SYNTAXES_NOT_SUPPORTED, IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, IMPLICIT_VR_LE,
-    NO_DATA_SET, OUT_OF_RESOURCES, P_DATA_TF, PDU_HEADER, PDU_TYPES, PDV_HEADER, PROCESSING_FAILURE, RELEASE_RP_PDU, RELEASE_RQ,
-    SUCCESS, UNRECOGNIZED_OPERATION, VERIFICATION, ProtocolError, abort_pdu, encode_command, encode_p_data, item,
-    items, padded, parse_command, text, uid_text, uint, user_information,
+from .commands import (
+    ANSWERED_UNSUPPORTED, NO_DATA_SET, Command, encode_response, parse_command, text, uint,
 )
+from .part10 import file_header
+from .pdu import (
+    ABORT, ABORT_NOT_SPECIFIED, ABORT_UNEXPECTED_PARAMETER, ABORT_UNEXPECTED_PDU, ASSOCIATE_RQ,
+    CONTEXT_ABSTRACT_SYNTAX_NOT_SUPPORTED, CONTEXT_ACCEPTED, CONTEXT_TRANSFER_SYNTAXES_NOT_SUPPORTED, P_DATA_TF,
+    REJECT_APPLICATION_CONTEXT, REJECT_CALLING_AE, REJECT_LOCAL_LIMIT, REJECT_PROTOCOL_VERSION, RELEASE_RP_PDU,
+    RELEASE_RQ, SOURCE_USER, AssociateRequest, PDUReader, ProtocolError, abort_pdu, encode_associate_ac,
+    encode_associate_rj, encode_p_data, parse_associate_rq, pdvs,
+)
+from .status import Status, is_kept
+from .syntaxes import APPLICATION_CONTEXT, IMPLICIT_VR_LE, VERIFICATION, is_standard_transfer_syntax
 
-log = structlog.get_logger("dicomnode.fastscp")
-
-# Requests this acceptor does not serve but whose response is defined: answered with 0x0211.
-_ANSWERED_UNSUPPORTED = frozenset({0x0010, 0x0020, 0x0021, 0x0100, 0x0110, 0x0120, 0x0130, 0x0140, 0x0150})
-
-# A-ASSOCIATE-RJ (result, source, reason) triples (PS3.8 9.3.4)
-REJECT_CALLING_AE = (1, 1, 3)           # permanent, service-user, calling AE title not recognised
-REJECT_APPLICATION_CONTEXT = (1, 1, 2)  # permanent, service-user, application context name not supported
-REJECT_PROTOCOL_VERSION = (1, 2, 2)     # permanent, service-provider (ACSE), protocol version not supported
-REJECT_LOCAL_LIMIT = (2, 3, 2)          # transient, service-provider (presentation), local limit exceeded
+log = structlog.get_logger("dicomnode.dimse.acceptor")
 
 # Non-P-DATA PDUs (association requests) larger than this are refused as malformed.
 _MAX_CONTROL_PDU = 1 << 20
@@ -56,6 +45,14 @@ _NOT_STORAGE_PREFIXES = (
     "1.2.840.10008.5.1.4.45.", "1.2.840.10008.5.1.1.", "1.2.840.10008.1.20.", "1.2.840.10008.1.40",
     "1.2.840.10008.1.42", "1.2.840.10008.3.1.2.", "1.2.840.10008.4.2", "1.2.840.10008.5.1.4.20.",
 )
+
+_REJECT_TEXT = {
+    REJECT_CALLING_AE: "calling AE title not recognised",
+    REJECT_APPLICATION_CONTEXT: "application context name not supported",
+    REJECT_PROTOCOL_VERSION: "protocol version not supported",
+    REJECT_LOCAL_LIMIT: "local limit exceeded (too many associations)",
+}
+
 
 @dataclass(slots=True)
 class StoreRequest:
@@ -98,8 +95,8 @@ class StoreRequest:
 
         ``file_meta() + dataset`` is a complete DICOM file in the transfer syntax the instance arrived in.
         """
-        return part10_header(self.affected_sop_class_uid or self.sop_class_uid, self.affected_sop_instance_uid,
-                             self.transfer_syntax, source_ae=self.calling_ae)
+        return file_header(self.affected_sop_class_uid or self.sop_class_uid, self.affected_sop_instance_uid,
+                           self.transfer_syntax, source_ae=self.calling_ae)
 
 
 @dataclass(slots=True)
@@ -120,18 +117,34 @@ class AssociationInfo:
 
 
 @dataclass(slots=True)
-class _Context:
+class Context:
+    """An accepted presentation context."""
+
     abstract_syntax: str
     transfer_syntax: str
 
 
 @dataclass(slots=True)
-class _Negotiated:
+class Negotiated:
+    """The outcome of negotiation: accepted contexts and, for the others, their result."""
+
     calling_ae: str
     called_ae: str
     peer_max_pdu: int
-    contexts: dict[int, _Context] = field(default_factory=dict)
+    contexts: dict[int, Context] = field(default_factory=dict)
     refused: dict[int, int] = field(default_factory=dict)  # context id -> result (3 or 4)
+
+    def results(self, rq: AssociateRequest) -> list[tuple[int, int, str]]:
+        """``(context id, result, transfer syntax)`` for every proposed context, for the A-ASSOCIATE-AC."""
+        out = []
+        for pcid, _, transfers in rq.contexts:
+            ctx = self.contexts.get(pcid)
+            if ctx is not None:
+                out.append((pcid, CONTEXT_ACCEPTED, ctx.transfer_syntax))
+            else:  # the syntax is not significant when the context is not accepted
+                out.append((pcid, self.refused.get(pcid, CONTEXT_ABSTRACT_SYNTAX_NOT_SUPPORTED),
+                            transfers[0] if transfers else IMPLICIT_VR_LE))
+        return out
 
 
 def is_storage_like(uid: str) -> bool:
@@ -139,7 +152,34 @@ def is_storage_like(uid: str) -> bool:
     return uid != VERIFICATION and not uid.startswith(_NOT_STORAGE_PREFIXES)
 
 
-class FastStorageSCP:
+def negotiate(rq: AssociateRequest, accept_sop_class: Callable[[str], bool]) -> Negotiated:
+    """Accept Verification with Implicit VR LE and storage contexts in their first proposed standard syntax.
+
+    The node keeps instances in the syntax they arrived in, so the sender's first preference wins.
+    Refused contexts carry result 3 (abstract syntax not supported) or 4 (no usable transfer syntax).
+    """
+    neg = Negotiated(calling_ae=rq.calling_ae, called_ae=rq.called_ae, peer_max_pdu=rq.max_pdu)
+    for pcid, abstract, transfers in rq.contexts:
+        if abstract == VERIFICATION:
+            syntax = IMPLICIT_VR_LE if IMPLICIT_VR_LE in transfers else None
+        else:
+            try:
+                accept = bool(abstract) and is_storage_like(abstract) and accept_sop_class(abstract)
+            except Exception as exc:
+                log.error("accept_sop_class_failed", sop_class=abstract, error=f"{type(exc).__name__}: {exc}")
+                accept = False
+            if not accept:
+                neg.refused[pcid] = CONTEXT_ABSTRACT_SYNTAX_NOT_SUPPORTED
+                continue
+            syntax = next((ts for ts in transfers if is_standard_transfer_syntax(ts)), None)
+        if syntax is None:
+            neg.refused[pcid] = CONTEXT_TRANSFER_SYNTAXES_NOT_SUPPORTED
+        else:
+            neg.contexts[pcid] = Context(abstract, syntax)
+    return neg
+
+
+class StorageSCP:
     """C-STORE and C-ECHO service class provider on a plain TCP (or TLS) socket.
 
     Parameters
@@ -221,9 +261,9 @@ class FastStorageSCP:
         self._listener = socket.create_server((self.host, self._requested_port), family=family, backlog=128,
                                               reuse_port=self.reuse_port and hasattr(socket, "SO_REUSEPORT"))
         self._stopping.clear()
-        self._accept_thread = threading.Thread(target=self._accept_loop, name=f"fastscp-accept-{self.port}", daemon=True)
+        self._accept_thread = threading.Thread(target=self._accept_loop, name=f"acceptor-{self.port}", daemon=True)
         self._accept_thread.start()
-        log.info("fastscp_listening", ae_title=self.ae_title, host=self.host, port=self.port,
+        log.info("acceptor_listening", ae_title=self.ae_title, host=self.host, port=self.port,
                  tls=self.ssl_context is not None, max_pdu=self.max_pdu, max_associations=self.max_associations)
 
     @property
@@ -288,7 +328,7 @@ class FastStorageSCP:
                 over_limit = self._active >= self.max_associations
                 self._active += 1
             thread = threading.Thread(target=self._serve, args=(conn, address, over_limit),
-                                      name=f"fastscp-{address[0]}:{address[1]}", daemon=True)
+                                      name=f"acceptor-{address[0]}:{address[1]}", daemon=True)
             with self._lock:
                 self._connections[thread] = conn
             thread.start()
@@ -298,7 +338,7 @@ class FastStorageSCP:
         try:
             assoc.run(over_limit)
         except Exception as exc:  # the last line of defence: a bug must never take the acceptor down
-            log.error("fastscp_association_crashed", host=address[0], error=f"{type(exc).__name__}: {exc}")
+            log.error("association_crashed", host=address[0], error=f"{type(exc).__name__}: {exc}")
         finally:
             try:
                 assoc.sock.close()
@@ -312,41 +352,14 @@ class FastStorageSCP:
 class _Association:
     """One connection from A-ASSOCIATE-RQ to release or abort, on its own thread."""
 
-    def __init__(self, scp: FastStorageSCP, conn: socket.socket, address: tuple) -> None:
+    def __init__(self, scp: StorageSCP, conn: socket.socket, address: tuple) -> None:
         self.scp = scp
         self.sock = conn
+        self.reader = PDUReader(conn)
         self.host = str(address[0])
         self.port = int(address[1])
-        self.header = bytearray(6)
-        self.header_view = memoryview(self.header)
-        self.buffer = bytearray(scp.max_pdu)
-        self.view = memoryview(self.buffer)
         self.info = AssociationInfo(calling_ae="", called_ae="", host=self.host, port=self.port, started=time.monotonic())
-
-    # -- socket primitives ---------------------------------------------------
-
-    def _recv_exact(self, view: memoryview) -> None:
-        got, need = 0, len(view)
-        recv_into = self.sock.recv_into
-        while got < need:
-            n = recv_into(view[got:], need - got)
-            if n == 0:
-                raise ConnectionError("peer closed the connection")
-            got += n
-
-    def _read_pdu(self, limit: int) -> tuple[int, memoryview]:
-        self._recv_exact(self.header_view)
-        pdu_type, length = PDU_HEADER.unpack(self.header)
-        if pdu_type not in PDU_TYPES:
-            raise ProtocolError(f"unrecognised PDU type 0x{pdu_type:02x}", ABORT_UNRECOGNIZED_PDU)
-        if length > limit:
-            raise ProtocolError(f"PDU of {length} bytes exceeds the {limit}-byte maximum", ABORT_INVALID_PARAMETER)
-        if length > len(self.buffer):
-            self.buffer = bytearray(length)
-            self.view = memoryview(self.buffer)
-        body = self.view[:length]
-        self._recv_exact(body)
-        return pdu_type, body
+        self._incoming: Any = None
 
     def _send_abort(self, reason: int, source: int = 2) -> None:
         try:
@@ -361,10 +374,10 @@ class _Association:
         self.sock.settimeout(scp.network_timeout or None)
         try:
             if scp.ssl_context is not None:
-                self.sock = scp.ssl_context.wrap_socket(self.sock, server_side=True)
+                self.sock = self.reader.sock = scp.ssl_context.wrap_socket(self.sock, server_side=True)
                 with scp._lock:  # stop() must shut down the socket that now owns the descriptor
                     scp._connections[threading.current_thread()] = self.sock
-            pdu_type, body = self._read_pdu(_MAX_CONTROL_PDU)
+            pdu_type, body = self.reader.read(_MAX_CONTROL_PDU)
             if pdu_type != ASSOCIATE_RQ:
                 raise ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02x}", ABORT_UNEXPECTED_PDU)
             rq = parse_associate_rq(body)
@@ -378,12 +391,12 @@ class _Association:
                 self.sock.sendall(encode_associate_rj(*reject))
             except OSError:
                 pass
-            log.warning("fastscp_association_rejected", calling_ae=rq.calling_ae, called_ae=rq.called_ae, host=self.host,
+            log.warning("association_rejected", calling_ae=rq.calling_ae, called_ae=rq.called_ae, host=self.host,
                         reason=_REJECT_TEXT[reject])
             return
         negotiated = negotiate(rq, scp.accept_sop_class)
         try:
-            self.sock.sendall(encode_associate_ac(rq, negotiated, scp.max_pdu))
+            self.sock.sendall(encode_associate_ac(rq.called_ae, rq.calling_ae, negotiated.results(rq), scp.max_pdu))
             outcome = self._dimse_loop(negotiated)
         except ProtocolError as exc:
             self._send_abort(exc.reason)
@@ -393,7 +406,7 @@ class _Association:
             outcome = "aborted: network timeout"
         except (OSError, ConnectionError, ssl.SSLError) as exc:
             if scp._stopping.is_set():
-                self._send_abort(0, source=0)
+                self._send_abort(ABORT_NOT_SPECIFIED, source=SOURCE_USER)
                 outcome = "aborted: the node is stopping"
             else:
                 outcome = f"aborted: connection lost ({type(exc).__name__})"
@@ -404,10 +417,10 @@ class _Association:
             self._send_abort(exc.reason)
         elif isinstance(exc, (TimeoutError, socket.timeout)):
             self._send_abort(ABORT_NOT_SPECIFIED)
-        log.warning("fastscp_association_failed", host=self.host, stage="negotiation",
+        log.warning("association_failed", host=self.host, stage="negotiation",
                     error=f"{type(exc).__name__}: {exc}")
 
-    def _check(self, rq: "AssociateRequest", over_limit: bool) -> tuple[int, int, int] | None:
+    def _check(self, rq: AssociateRequest, over_limit: bool) -> tuple[int, int, int] | None:
         if not rq.protocol_version & 1:
             return REJECT_PROTOCOL_VERSION
         if rq.application_context != APPLICATION_CONTEXT:
@@ -415,7 +428,7 @@ class _Association:
         try:
             allowed = self.scp.allow(rq.calling_ae, self.host)
         except Exception as exc:  # a broken allow-list must refuse, not crash
-            log.error("fastscp_allow_failed", error=f"{type(exc).__name__}: {exc}")
+            log.error("allow_failed", error=f"{type(exc).__name__}: {exc}")
             allowed = False
         if not allowed:
             return REJECT_CALLING_AE
@@ -428,19 +441,18 @@ class _Association:
         info.outcome = outcome
         info.seconds = round(time.monotonic() - info.started, 3)
         event = log.info if outcome == "released" else log.warning
-        event("fastscp_association", outcome=outcome, calling_ae=info.calling_ae, called_ae=info.called_ae,
+        event("association", outcome=outcome, calling_ae=info.calling_ae, called_ae=info.called_ae,
               host=info.host, instances=info.instances, bytes=info.bytes, echoes=info.echoes, failures=info.failures,
               seconds=info.seconds)
         if self.scp.on_association is not None:
             try:
                 self.scp.on_association(info)
             except Exception as exc:
-                log.error("fastscp_on_association_failed", error=f"{type(exc).__name__}: {exc}")
+                log.error("on_association_failed", error=f"{type(exc).__name__}: {exc}")
 
     # -- DIMSE ---------------------------------------------------------------
 
-    def _dimse_loop(self, neg: _Negotiated) -> str:
-        self._incoming: Any = None
+    def _dimse_loop(self, neg: Negotiated) -> str:
         try:
             return self._dimse_messages(neg)
         finally:
@@ -452,23 +464,26 @@ class _Association:
             try:
                 incoming.close()
             except Exception as exc:
-                log.error("fastscp_incoming_close_failed", error=f"{type(exc).__name__}: {exc}")
+                log.error("incoming_close_failed", error=f"{type(exc).__name__}: {exc}")
 
-    def _open_incoming(self, neg: _Negotiated, pcid: int, fields: dict[int, bytes]) -> Any:
+    def _request(self, neg: Negotiated, pcid: int, fields: dict[int, bytes], dataset: Any) -> StoreRequest:
         ctx = neg.contexts[pcid]
-        request = StoreRequest(
+        return StoreRequest(
             calling_ae=neg.calling_ae, called_ae=neg.called_ae, host=self.host, sop_class_uid=ctx.abstract_syntax,
             transfer_syntax=ctx.transfer_syntax, affected_sop_class_uid=text(fields.get(0x0002)),
             affected_sop_instance_uid=text(fields.get(0x1000)), message_id=uint(fields.get(0x0110), 2, 0),
-            dataset=b"")
+            dataset=dataset)
+
+    def _open_incoming(self, neg: Negotiated, pcid: int, fields: dict[int, bytes]) -> Any:
+        request = self._request(neg, pcid, fields, b"")
         try:
             return self.scp.incoming(request)
         except Exception as exc:  # keep receiving into memory; storing will report a real failure
-            log.error("fastscp_incoming_failed", sop_uid=request.affected_sop_instance_uid,
+            log.error("incoming_failed", sop_uid=request.affected_sop_instance_uid,
                       error=f"{type(exc).__name__}: {exc}")
             return None
 
-    def _dimse_messages(self, neg: _Negotiated) -> str:
+    def _dimse_messages(self, neg: Negotiated) -> str:
         contexts = neg.contexts
         incoming_after = self.scp.incoming_after if self.scp.incoming is not None else 0
         max_pdu = self.scp.max_pdu
@@ -476,9 +491,8 @@ class _Association:
         fields: dict[int, bytes] | None = None  # a parsed command waiting for its data set
         dataset = bytearray()
         context_id = 0
-        pdv_header = PDV_HEADER.unpack_from
         while True:
-            pdu_type, body = self._read_pdu(max_pdu)
+            pdu_type, body = self.reader.read(max_pdu)
             if pdu_type == RELEASE_RQ:
                 self.sock.sendall(RELEASE_RP_PDU)
                 return "released" if fields is None and not command else "released mid-message"
@@ -487,17 +501,7 @@ class _Association:
             if pdu_type != P_DATA_TF:
                 raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02x} on an established association",
                                     ABORT_UNEXPECTED_PDU)
-            offset, end = 0, len(body)
-            if end < 6:
-                raise ProtocolError("P-DATA-TF without a PDV item", ABORT_INVALID_PARAMETER)
-            while offset < end:
-                if end - offset < 6:
-                    raise ProtocolError("truncated PDV item header", ABORT_INVALID_PARAMETER)
-                length, pcid, mch = pdv_header(body, offset)
-                if length < 2 or offset + 4 + length > end:
-                    raise ProtocolError(f"PDV item length {length} does not fit its PDU", ABORT_INVALID_PARAMETER)
-                fragment = body[offset + 6: offset + 4 + length]
-                offset += 4 + length
+            for pcid, mch, fragment in pdvs(body):
                 if pcid not in contexts:
                     raise ProtocolError(f"PDV on presentation context {pcid}, which was not accepted",
                                         ABORT_UNEXPECTED_PARAMETER)
@@ -526,7 +530,7 @@ class _Association:
                     else:
                         dataset += fragment
                         if incoming_after and len(dataset) >= incoming_after and not mch & 2 \
-                                and uint(fields.get(0x0100), 2, -1) == C_STORE_RQ:
+                                and uint(fields.get(0x0100), 2, -1) == Command.C_STORE_RQ:
                             self._incoming = self._open_incoming(neg, pcid, fields)
                             if self._incoming is not None:
                                 self._incoming.write(dataset)
@@ -539,57 +543,54 @@ class _Association:
                             self._close_incoming()
                         dataset = bytearray()
 
-    def _dispatch(self, neg: _Negotiated, pcid: int, fields: dict[int, bytes], dataset: bytearray | None) -> None:
+    def _dispatch(self, neg: Negotiated, pcid: int, fields: dict[int, bytes], dataset: bytearray | None) -> None:
         ctx = neg.contexts[pcid]
         cmd = uint(fields.get(0x0100), 2, -1)
         message_id = uint(fields.get(0x0110), 2, 0)
-        if cmd == C_STORE_RQ:
-            status, comment = self._store(neg, ctx, fields, message_id, dataset)
-            rsp = encode_command(C_STORE_RSP, message_id, status, text(fields.get(0x0002)) or ctx.abstract_syntax,
-                                 text(fields.get(0x1000)), comment)
-        elif cmd == C_ECHO_RQ:
+        if cmd == Command.C_STORE_RQ:
+            status, comment = self._store(neg, pcid, fields, dataset)
+            rsp = encode_response(Command.C_STORE_RSP, message_id, status,
+                                  text(fields.get(0x0002)) or ctx.abstract_syntax, text(fields.get(0x1000)), comment)
+        elif cmd == Command.C_ECHO_RQ:
             self.info.echoes += 1
-            rsp = encode_command(C_ECHO_RSP, message_id, SUCCESS, text(fields.get(0x0002)) or ctx.abstract_syntax, "")
-        elif cmd == C_CANCEL_RQ:
+            rsp = encode_response(Command.C_ECHO_RSP, message_id, Status.SUCCESS,
+                                  text(fields.get(0x0002)) or ctx.abstract_syntax)
+        elif cmd == Command.C_CANCEL_RQ:
             return  # nothing of ours is cancellable; C-CANCEL has no response
-        elif cmd in _ANSWERED_UNSUPPORTED:
+        elif cmd in ANSWERED_UNSUPPORTED:
             self.info.failures += 1
-            rsp = encode_command(cmd | 0x8000, message_id, UNRECOGNIZED_OPERATION,
-                                 text(fields.get(0x0002) or fields.get(0x0003)),
-                                 text(fields.get(0x1000) or fields.get(0x1001)), "")
+            rsp = encode_response(cmd | 0x8000, message_id, Status.UNRECOGNIZED_OPERATION,
+                                  text(fields.get(0x0002) or fields.get(0x0003)),
+                                  text(fields.get(0x1000) or fields.get(0x1001)))
         else:
             raise ProtocolError(f"unexpected DIMSE command 0x{cmd:04x}", ABORT_UNEXPECTED_PARAMETER)
         self.sock.sendall(encode_p_data(pcid, rsp, neg.peer_max_pdu))
 
-    def _store(self, neg: _Negotiated, ctx: _Context, fields: dict[int, bytes], message_id: int,
-               dataset: bytearray | None) -> tuple[int, str]:
+    def _store(self, neg: Negotiated, pcid: int, fields: dict[int, bytes], dataset: Any) -> tuple[int, str]:
         if dataset is None:
             self.info.failures += 1
-            return CANNOT_UNDERSTAND, "C-STORE request without a data set"
+            return Status.CANNOT_UNDERSTAND, "C-STORE request without a data set"
         incoming = self._incoming
         if incoming is not None:
             try:
                 dataset = incoming.dataset()
             except OSError as exc:
-                log.error("fastscp_store_failed", sop_uid=text(fields.get(0x1000)), reason="cannot write",
+                log.error("store_callback_failed", sop_uid=text(fields.get(0x1000)), reason="cannot write",
                           error=f"{type(exc).__name__}: {exc}")
                 self.info.failures += 1
-                return OUT_OF_RESOURCES, "cannot write the instance"
-        request = StoreRequest(
-            calling_ae=neg.calling_ae, called_ae=neg.called_ae, host=self.host, sop_class_uid=ctx.abstract_syntax,
-            transfer_syntax=ctx.transfer_syntax, affected_sop_class_uid=text(fields.get(0x0002)),
-            affected_sop_instance_uid=text(fields.get(0x1000)), message_id=message_id, dataset=dataset,
-            incoming=incoming)
+                return Status.OUT_OF_RESOURCES, "cannot write the instance"
+        request = self._request(neg, pcid, fields, dataset)
+        request.incoming = incoming
         try:
             status, comment = self.scp.store(request)
             status, comment = int(status), str(comment or "")
             if not 0 <= status <= 0xFFFF:
                 raise ValueError(f"status {status} is not a 16-bit DIMSE status")
         except Exception as exc:
-            log.error("fastscp_store_failed", sop_uid=request.affected_sop_instance_uid,
+            log.error("store_callback_failed", sop_uid=request.affected_sop_instance_uid,
                       error=f"{type(exc).__name__}: {exc}")
-            status, comment = PROCESSING_FAILURE, "the node could not process the instance"
-        if status == SUCCESS or 0xB000 <= status <= 0xBFFF:  # success and warnings both mean stored
+            status, comment = Status.HANDLER_FAILED, "the node could not process the instance"
+        if is_kept(status):
             self.info.instances += 1
             self.info.bytes += len(dataset)
         else:
@@ -611,136 +612,3 @@ class _Unwritable:
 
     def close(self) -> None:
         pass
-
-
-_REJECT_TEXT = {
-    REJECT_CALLING_AE: "calling AE title not recognised",
-    REJECT_APPLICATION_CONTEXT: "application context name not supported",
-    REJECT_PROTOCOL_VERSION: "protocol version not supported",
-    REJECT_LOCAL_LIMIT: "local limit exceeded (too many associations)",
-}
-
-
-# -- association PDUs (PS3.8 9.3.2-9.3.4) -----------------------------------------------------
-
-@dataclass(slots=True)
-class AssociateRequest:
-    """The parts of an A-ASSOCIATE-RQ the acceptor needs."""
-
-    protocol_version: int
-    called_ae: str
-    calling_ae: str
-    application_context: str = ""
-    contexts: list[tuple[int, str, list[str]]] = field(default_factory=list)  # (id, abstract syntax, transfer syntaxes)
-    max_pdu: int = 0
-    implementation_class_uid: str = ""
-
-
-def parse_associate_rq(body: bytes | memoryview) -> AssociateRequest:
-    """Decode the variable part of an A-ASSOCIATE-RQ PDU (everything after its 6-byte header).
-
-    Raises
-    ------
-    ProtocolError
-        When an item is truncated or overruns its parent.
-    """
-    body = memoryview(body)
-    if len(body) < 68:
-        raise ProtocolError(f"A-ASSOCIATE-RQ of {len(body)} bytes is shorter than its fixed part", ABORT_INVALID_PARAMETER)
-    version = struct.unpack_from(">H", body, 0)[0]
-    rq = AssociateRequest(protocol_version=version, called_ae=uid_text(body[4:20]), calling_ae=uid_text(body[20:36]))
-    for item_type, value in items(body[68:], "A-ASSOCIATE-RQ"):
-        if item_type == 0x10:
-            rq.application_context = uid_text(value)
-        elif item_type == 0x20:
-            if len(value) < 4:
-                raise ProtocolError("presentation context item too short", ABORT_INVALID_PARAMETER)
-            abstract, transfers = "", []
-            for sub_type, sub in items(value[4:], "A-ASSOCIATE-RQ"):
-                if sub_type == 0x30:
-                    abstract = uid_text(sub)
-                elif sub_type == 0x40:
-                    transfers.append(uid_text(sub))
-            rq.contexts.append((value[0], abstract, transfers))
-        elif item_type == 0x50:
-            for sub_type, sub in items(value, "A-ASSOCIATE-RQ"):
-                if sub_type == 0x51 and len(sub) >= 4:
-                    rq.max_pdu = struct.unpack_from(">I", sub, 0)[0]
-                elif sub_type == 0x52:
-                    rq.implementation_class_uid = uid_text(sub)
-    return rq
-
-
-def is_standard_transfer_syntax(uid: str) -> bool:
-    """True for transfer syntaxes defined by the standard (PS3.5 annex A); private ones would be unreadable later."""
-    return uid == IMPLICIT_VR_LE or uid.startswith(IMPLICIT_VR_LE + ".")
-
-
-def negotiate(rq: AssociateRequest, accept_sop_class: Callable[[str], bool]) -> _Negotiated:
-    """Accept Verification with Implicit VR LE and storage contexts in their first proposed standard syntax.
-
-    The node keeps instances in the syntax they arrived in, so the sender's first preference wins.
-    Refused contexts carry result 3 (abstract syntax not supported) or 4 (no usable transfer syntax).
-    """
-    neg = _Negotiated(calling_ae=rq.calling_ae, called_ae=rq.called_ae, peer_max_pdu=rq.max_pdu)
-    for pcid, abstract, transfers in rq.contexts:
-        if abstract == VERIFICATION:
-            syntax = IMPLICIT_VR_LE if IMPLICIT_VR_LE in transfers else None
-        else:
-            try:
-                accept = bool(abstract) and is_storage_like(abstract) and accept_sop_class(abstract)
-            except Exception as exc:
-                log.error("fastscp_accept_sop_class_failed", sop_class=abstract, error=f"{type(exc).__name__}: {exc}")
-                accept = False
-            if not accept:
-                neg.refused[pcid] = CONTEXT_ABSTRACT_SYNTAX_NOT_SUPPORTED
-                continue
-            syntax = next((ts for ts in transfers if is_standard_transfer_syntax(ts)), None)
-        if syntax is None:
-            neg.refused[pcid] = CONTEXT_TRANSFER_SYNTAXES_NOT_SUPPORTED
-        else:
-            neg.contexts[pcid] = _Context(abstract, syntax)
-    return neg
-
-
-def encode_associate_ac(rq: AssociateRequest, neg: _Negotiated, max_pdu: int) -> bytes:
-    """A-ASSOCIATE-AC answering every proposed context: accepted ones with their syntax, the rest with result 3 or 4."""
-    parts = [item(0x10, APPLICATION_CONTEXT.encode())]
-    for pcid, abstract, transfers in rq.contexts:
-        ctx = neg.contexts.get(pcid)
-        if ctx is not None:
-            result, ts = CONTEXT_ACCEPTED, ctx.transfer_syntax
-        else:
-            result = neg.refused.get(pcid, CONTEXT_ABSTRACT_SYNTAX_NOT_SUPPORTED)
-            ts = transfers[0] if transfers else IMPLICIT_VR_LE  # not significant when not accepted
-        parts.append(item(0x21, bytes((pcid, 0, result, 0)) + item(0x40, ts.encode())))
-    parts.append(user_information(max_pdu))
-    fixed = (struct.pack(">HH", 1, 0) + rq.called_ae.encode("ascii", "replace")[:16].ljust(16)
-             + rq.calling_ae.encode("ascii", "replace")[:16].ljust(16) + bytes(32))
-    body = fixed + b"".join(parts)
-    return PDU_HEADER.pack(ASSOCIATE_AC, len(body)) + body
-
-
-def encode_associate_rj(result: int, source: int, reason: int) -> bytes:
-    return bytes((ASSOCIATE_RJ, 0, 0, 0, 0, 4, 0, result, source, reason))
-
-
-# -- Part 10 file header ---------------------------------------------------------------------
-
-def _explicit(group: int, element: int, vr: bytes, value: bytes) -> bytes:
-    if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT"):
-        return struct.pack("<HH2sxxI", group, element, vr, len(value)) + value
-    return struct.pack("<HH2sH", group, element, vr, len(value)) + value
-
-
-def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, source_ae: str = "") -> bytes:
-    """128-byte preamble, ``DICM`` and the file meta information group (PS3.10 7.1), Explicit VR LE."""
-    meta = (_explicit(2, 0x0001, b"OB", b"\x00\x01")
-            + _explicit(2, 0x0002, b"UI", padded(sop_class_uid, b"\x00"))
-            + _explicit(2, 0x0003, b"UI", padded(sop_instance_uid, b"\x00"))
-            + _explicit(2, 0x0010, b"UI", padded(transfer_syntax, b"\x00"))
-            + _explicit(2, 0x0012, b"UI", padded(IMPLEMENTATION_CLASS_UID, b"\x00"))
-            + _explicit(2, 0x0013, b"SH", padded(IMPLEMENTATION_VERSION_NAME, b" ")))
-    if source_ae:
-        meta += _explicit(2, 0x0016, b"AE", padded(source_ae[:16], b" "))
-    return bytes(128) + b"DICM" + _explicit(2, 0x0000, b"UL", struct.pack("<I", len(meta))) + meta

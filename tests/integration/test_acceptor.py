@@ -1,4 +1,4 @@
-"""The fast storage SCP against real senders: DCMTK storescu/echoscu, pynetdicom, and broken peers."""
+"""The acceptor (storage SCP) against real senders: DCMTK storescu/echoscu, pynetdicom, and broken peers."""
 
 from __future__ import annotations
 
@@ -18,10 +18,9 @@ import pytest
 from pynetdicom import AE
 
 from analyzers.phantoms import CR_IMAGE, CT_IMAGE, PhantomPatient, image_dataset, save
-from dicomnode.fastscp import (
-    IMPLEMENTATION_CLASS_UID, AssociateRequest, FastStorageSCP, StoreRequest, encode_command, negotiate,
-    parse_command,
-)
+from dicomnode.dimse.acceptor import StorageSCP, StoreRequest, negotiate
+from dicomnode.dimse.commands import encode_response, parse_command
+from dicomnode.dimse.pdu import IMPLEMENTATION_CLASS_UID, AssociateRequest
 from tests.peers import echoscu, storescu
 
 pytestmark = pytest.mark.integration
@@ -50,7 +49,7 @@ class Recorder:
 @pytest.fixture()
 def scp():
     rec = Recorder()
-    server = FastStorageSCP("DICOMNODE", "127.0.0.1", 0, store=rec.store, allow=lambda ae, host: ae in ALLOWED,
+    server = StorageSCP("DICOMNODE", "127.0.0.1", 0, store=rec.store, allow=lambda ae, host: ae in ALLOWED,
                             network_timeout=5, on_association=rec.associations.append)
     server.start()
     yield server, rec
@@ -159,7 +158,7 @@ def test_pynetdicom_gets_the_status_the_callback_chose(scp, tmp_path):
 
 def test_too_many_associations_are_rejected(tmp_path):
     rec = Recorder()
-    server = FastStorageSCP("DICOMNODE", "127.0.0.1", 0, store=rec.store, allow=lambda ae, host: True,
+    server = StorageSCP("DICOMNODE", "127.0.0.1", 0, store=rec.store, allow=lambda ae, host: True,
                             max_associations=1, network_timeout=5)
     server.start()
     try:
@@ -211,7 +210,7 @@ def test_garbage_and_cut_connections_do_not_break_the_server(scp, tmp_path):
 
 def test_silent_peer_is_aborted_after_the_network_timeout(tmp_path):
     rec = Recorder()
-    server = FastStorageSCP("DICOMNODE", "127.0.0.1", 0, store=rec.store, allow=lambda ae, host: True,
+    server = StorageSCP("DICOMNODE", "127.0.0.1", 0, store=rec.store, allow=lambda ae, host: True,
                             network_timeout=0.3)
     server.start()
     try:
@@ -241,7 +240,7 @@ def test_big_instances_use_big_pdus(scp, tmp_path):
 
 def test_stop_ends_open_associations(tmp_path):
     rec = Recorder()
-    server = FastStorageSCP("DICOMNODE", "127.0.0.1", 0, store=rec.store, allow=lambda ae, host: True,
+    server = StorageSCP("DICOMNODE", "127.0.0.1", 0, store=rec.store, allow=lambda ae, host: True,
                             on_association=rec.associations.append)
     server.start()
     ae = AE(ae_title="PYSCU")
@@ -266,7 +265,7 @@ def test_tls(tmp_path):
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_ctx.load_cert_chain(cert, key)
     rec = Recorder()
-    server = FastStorageSCP("DICOMNODE", "127.0.0.1", 0, store=rec.store, allow=lambda ae, host: True,
+    server = StorageSCP("DICOMNODE", "127.0.0.1", 0, store=rec.store, allow=lambda ae, host: True,
                             ssl_context=server_ctx, network_timeout=5)
     server.start()
     try:
@@ -289,7 +288,7 @@ def test_tls(tmp_path):
 
 
 def test_command_sets_read_back_with_pydicom():
-    raw = encode_command(0x8001, 7, 0xA700, CT_IMAGE, "1.2.3.4", "odd-length comment")
+    raw = encode_response(0x8001, 7, 0xA700, CT_IMAGE, "1.2.3.4", "odd-length comment")
     ds = pydicom.dcmread(io.BytesIO(raw), force=True)
     assert (ds.CommandField, ds.MessageIDBeingRespondedTo, ds.Status) == (0x8001, 7, 0xA700)
     assert ds.AffectedSOPInstanceUID == "1.2.3.4" and ds.ErrorComment == "odd-length comment"
@@ -322,7 +321,7 @@ def test_a_failing_callback_gets_0xC211_and_the_association_carries_on(tmp_path)
             raise answer
         return answer
 
-    server = FastStorageSCP("DICOMNODE", "127.0.0.1", 0, store=store, allow=lambda ae, host: True, network_timeout=5)
+    server = StorageSCP("DICOMNODE", "127.0.0.1", 0, store=store, allow=lambda ae, host: True, network_timeout=5)
     server.start()
     try:
         ae = AE(ae_title="PYSCU")
