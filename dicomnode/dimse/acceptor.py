@@ -1,10 +1,15 @@
-"""The C-STORE and C-ECHO service class provider: the receiver's upper layer, one blocking thread per association.
+"""The C-STORE and C-ECHO service class provider: the receiver's upper layer.
 
-Each connection reads a PDU header, ``recv_into`` its body, walks its PDV items and hands the data
-set bytes to a ``store`` callback exactly as they arrived, then answers with a C-STORE-RSP. A data
-set that grows past ``incoming_after`` bytes goes to a file while it arrives instead of memory.
+Connections wait in the gate (:mod:`.transport`, one thread, no PDU buffers) until their
+A-ASSOCIATE-RQ has arrived whole; then the request is checked (protocol version, application
+context, calling AE and host, the association limit) and an accepted association gets its own
+thread. It reads each PDU with ``recv_into`` within the network timeout, walks its PDV items and
+hands the data set bytes to a ``store`` callback exactly as they arrived, then answers with a
+C-STORE-RSP. A data set that grows past ``incoming_after`` bytes goes to a file while it arrives,
+so an association holds at most one PDU and ``incoming_after`` bytes of data set in memory.
 Negotiation follows PS3.8 9.3.2-9.3.4: Verification in Implicit VR Little Endian, storage
-contexts in the sender's first standard transfer syntax (the node keeps instances as they came).
+contexts in the sender's first transfer syntax the standard defines (the node keeps instances as
+they came).
 """
 
 from __future__ import annotations
@@ -23,19 +28,25 @@ from .commands import (
 )
 from .part10 import file_header
 from .pdu import (
-    ABORT, ABORT_NOT_SPECIFIED, ABORT_UNEXPECTED_PARAMETER, ABORT_UNEXPECTED_PDU, ASSOCIATE_RQ,
+    ABORT, ABORT_INVALID_PARAMETER, ABORT_NOT_SPECIFIED, ABORT_UNEXPECTED_PARAMETER, ABORT_UNEXPECTED_PDU,
     CONTEXT_ABSTRACT_SYNTAX_NOT_SUPPORTED, CONTEXT_ACCEPTED, CONTEXT_TRANSFER_SYNTAXES_NOT_SUPPORTED, P_DATA_TF,
     REJECT_APPLICATION_CONTEXT, REJECT_CALLING_AE, REJECT_LOCAL_LIMIT, REJECT_PROTOCOL_VERSION, RELEASE_RP_PDU,
-    RELEASE_RQ, SOURCE_USER, AssociateRequest, PDUReader, ProtocolError, abort_pdu, encode_associate_ac,
-    encode_associate_rj, encode_p_data, parse_associate_rq, pdvs,
+    RELEASE_RQ, SOURCE_PROVIDER, SOURCE_USER, AssociateRequest, PDUReader, ProtocolError, abort_pdu,
+    encode_associate_ac, encode_associate_rj, encode_p_data, parse_associate_rq, pdvs,
 )
 from .status import Status, is_kept
-from .syntaxes import APPLICATION_CONTEXT, IMPLICIT_VR_LE, VERIFICATION, is_standard_transfer_syntax
+from .syntaxes import APPLICATION_CONTEXT, IMPLICIT_VR_LE, VERIFICATION, is_known_transfer_syntax
+from .transport import Gate
 
 log = structlog.get_logger("dicomnode.dimse.acceptor")
 
-# Non-P-DATA PDUs (association requests) larger than this are refused as malformed.
-_MAX_CONTROL_PDU = 1 << 20
+# An A-ASSOCIATE-RQ longer than this is refused: 128 contexts with a dozen transfer syntaxes each fit.
+_MAX_REQUEST = 1 << 17
+# A command set is a few hundred bytes; a longer one is not a command the node could serve.
+MAX_COMMAND = 1 << 16
+# Data sets of requests answered without reading them (C-FIND identifiers, N-SET attributes, ...) are
+# counted, not kept; a longer one is a peer filling the association with bytes.
+MAX_IGNORED_DATA_SET = 1 << 20
 # Service classes that are not storage although any SOP class UID could be proposed on a context:
 # query/retrieve, worklist, storage commitment, MPPS and other N-services, print, instance availability.
 _NOT_STORAGE_PREFIXES = (
@@ -153,7 +164,7 @@ def is_storage_like(uid: str) -> bool:
 
 
 def negotiate(rq: AssociateRequest, accept_sop_class: Callable[[str], bool]) -> Negotiated:
-    """Accept Verification with Implicit VR LE and storage contexts in their first proposed standard syntax.
+    """Accept Verification with Implicit VR LE and storage contexts in their first proposed known syntax.
 
     The node keeps instances in the syntax they arrived in, so the sender's first preference wins.
     Refused contexts carry result 3 (abstract syntax not supported) or 4 (no usable transfer syntax).
@@ -171,7 +182,7 @@ def negotiate(rq: AssociateRequest, accept_sop_class: Callable[[str], bool]) -> 
             if not accept:
                 neg.refused[pcid] = CONTEXT_ABSTRACT_SYNTAX_NOT_SUPPORTED
                 continue
-            syntax = next((ts for ts in transfers if is_standard_transfer_syntax(ts)), None)
+            syntax = next((ts for ts in transfers if is_known_transfer_syntax(ts)), None)
         if syntax is None:
             neg.refused[pcid] = CONTEXT_TRANSFER_SYNTAXES_NOT_SUPPORTED
         else:
@@ -196,15 +207,20 @@ class StorageSCP:
         ``allow(calling_ae, peer_host) -> bool``; False rejects the association (calling AE title
         not recognised).
     max_associations : int
-        Associations beyond this are rejected (transient, local limit exceeded).
+        Associations at once, counted from the moment a whole A-ASSOCIATE-RQ has arrived (while it
+        is negotiated) until the association ends; one more is rejected at once (transient, local
+        limit exceeded). Connections that have not sent a whole request wait in the gate
+        (:mod:`.transport`) without a thread.
     max_pdu : int
         Our maximum P-DATA-TF length, announced in the A-ASSOCIATE-AC.
     network_timeout : float
-        Seconds of silence from the peer before the association is aborted.
+        The ARTIM time and the time allowed for each PDU: a peer gets this long to send its whole
+        A-ASSOCIATE-RQ, each later PDU (counted from the end of the one before), and to close the
+        connection after A-RELEASE-RP or A-ABORT.
     reuse_port : bool
         Set SO_REUSEPORT so several processes can share the port.
     ssl_context : ssl.SSLContext, optional
-        Server-side TLS context; accepted sockets are wrapped (handshake on the association thread).
+        Server-side TLS context; the handshake runs in the gate, within the network timeout.
     on_association : callable, optional
         Called with an :class:`AssociationInfo` when an established association ends.
     accept_sop_class : callable
@@ -216,6 +232,8 @@ class StorageSCP:
         ``file.close()`` is called afterwards, whatever happened. None keeps every data set in memory.
     incoming_after : int
         Size in bytes at which a data set goes to ``incoming``.
+    max_waiting : int
+        Connections held at once before an association or after it ended (see :class:`.transport.Gate`).
     """
 
     def __init__(self, ae_title: str, host: str, port: int, *,
@@ -225,11 +243,14 @@ class StorageSCP:
                  reuse_port: bool = False, ssl_context: ssl.SSLContext | None = None,
                  on_association: Callable[[AssociationInfo], None] | None = None,
                  accept_sop_class: Callable[[str], bool] = lambda uid: True,
-                 incoming: Callable[[StoreRequest], Any] | None = None, incoming_after: int = 1 << 20) -> None:
+                 incoming: Callable[[StoreRequest], Any] | None = None, incoming_after: int = 1 << 20,
+                 max_waiting: int = 256) -> None:
         if not 4096 <= max_pdu <= 0xFFFFFFFF:
             raise ValueError(f"max_pdu must be between 4096 and 4294967295 bytes, got {max_pdu}")
         if max_associations < 1:
             raise ValueError(f"max_associations must be at least 1, got {max_associations}")
+        if network_timeout <= 0:
+            raise ValueError(f"network_timeout must be positive, got {network_timeout}")
         self.ae_title = ae_title
         self.host = host
         self._requested_port = port
@@ -244,8 +265,9 @@ class StorageSCP:
         self.accept_sop_class = accept_sop_class
         self.incoming = incoming
         self.incoming_after = incoming_after
-        self._listener: socket.socket | None = None
-        self._accept_thread: threading.Thread | None = None
+        self.max_waiting = max_waiting
+        self._gate: Gate | None = None
+        self._port = 0
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._connections: dict[threading.Thread, socket.socket] = {}
@@ -255,47 +277,47 @@ class StorageSCP:
 
     def start(self) -> None:
         """Bind and listen, then accept on a background thread; returns at once."""
-        if self._listener is not None:
+        if self._gate is not None:
             raise RuntimeError("the SCP is already started")
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        self._listener = socket.create_server((self.host, self._requested_port), family=family, backlog=128,
-                                              reuse_port=self.reuse_port and hasattr(socket, "SO_REUSEPORT"))
+        listener = socket.create_server((self.host, self._requested_port), family=family, backlog=128,
+                                        reuse_port=self.reuse_port and hasattr(socket, "SO_REUSEPORT"))
+        self._port = int(listener.getsockname()[1])
         self._stopping.clear()
-        self._accept_thread = threading.Thread(target=self._accept_loop, name=f"acceptor-{self.port}", daemon=True)
-        self._accept_thread.start()
-        log.info("acceptor_listening", ae_title=self.ae_title, host=self.host, port=self.port,
+        self._gate = Gate(listener, artim=self.network_timeout, on_request=self._on_request,
+                          ssl_context=self.ssl_context, max_connections=self.max_waiting, max_request=_MAX_REQUEST)
+        self._gate.start()
+        log.info("acceptor_listening", ae_title=self.ae_title, host=self.host, port=self._port,
                  tls=self.ssl_context is not None, max_pdu=self.max_pdu, max_associations=self.max_associations)
 
     @property
     def port(self) -> int:
         """The bound port (the free one the system chose when started with port 0)."""
-        if self._listener is None:
+        if self._gate is None:
             raise RuntimeError("the SCP is not started")
-        return int(self._listener.getsockname()[1])
+        return self._port
 
     @property
     def active_associations(self) -> int:
-        """Connections being negotiated or served right now."""
+        """Associations being negotiated or served right now."""
         return self._active
+
+    @property
+    def waiting_connections(self) -> int:
+        """Connections that have not sent a whole A-ASSOCIATE-RQ yet, or whose association ended and that are closing."""
+        return self._gate.waiting if self._gate is not None else 0
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop accepting, end open associations and join their threads.
 
         A store callback that is running finishes and its response is sent; then the
-        association's reads see end of stream and it closes.
+        association's reads see end of stream and it aborts.
         """
-        if self._listener is None:
+        gate, self._gate = self._gate, None
+        if gate is None:
             return
         self._stopping.set()
-        listener, self._listener = self._listener, None
-        try:
-            listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
-        except OSError:
-            pass
-        listener.close()
-        if self._accept_thread is not None:
-            self._accept_thread.join(timeout)
-            self._accept_thread = None
+        gate.stop(timeout)
         with self._lock:
             connections = list(self._connections.items())
         for _, conn in connections:
@@ -307,134 +329,145 @@ class StorageSCP:
         for thread, _ in connections:
             thread.join(max(0.0, deadline - time.monotonic()))
 
-    # -- accepting -----------------------------------------------------------
+    # -- association requests (on the gate's thread) --------------------------
 
-    def _accept_loop(self) -> None:
-        listener = self._listener
-        assert listener is not None
-        while not self._stopping.is_set():
-            try:
-                conn, address = listener.accept()
-            except OSError:
-                if self._stopping.is_set():
-                    return
-                time.sleep(0.01)  # e.g. EMFILE: let connections close before trying again
-                continue
-            try:
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
-            with self._lock:
-                over_limit = self._active >= self.max_associations
-                self._active += 1
-            thread = threading.Thread(target=self._serve, args=(conn, address, over_limit),
-                                      name=f"acceptor-{address[0]}:{address[1]}", daemon=True)
-            with self._lock:
-                self._connections[thread] = conn
-            thread.start()
-
-    def _serve(self, conn: socket.socket, address: tuple, over_limit: bool) -> None:
-        assoc = _Association(self, conn, address)
+    def _on_request(self, sock: socket.socket, address: tuple, body: bytearray) -> None:
+        gate = self._gate
+        host = str(address[0])
+        if gate is None:
+            sock.close()
+            return
         try:
-            assoc.run(over_limit)
-        except Exception as exc:  # the last line of defence: a bug must never take the acceptor down
-            log.error("association_crashed", host=address[0], error=f"{type(exc).__name__}: {exc}")
-        finally:
-            try:
-                assoc.sock.close()
-            except OSError:
-                pass
-            with self._lock:
-                self._active -= 1
-                self._connections.pop(threading.current_thread(), None)
-
-
-class _Association:
-    """One connection from A-ASSOCIATE-RQ to release or abort, on its own thread."""
-
-    def __init__(self, scp: StorageSCP, conn: socket.socket, address: tuple) -> None:
-        self.scp = scp
-        self.sock = conn
-        self.reader = PDUReader(conn)
-        self.host = str(address[0])
-        self.port = int(address[1])
-        self.info = AssociationInfo(calling_ae="", called_ae="", host=self.host, port=self.port, started=time.monotonic())
-        self._incoming: Any = None
-
-    def _send_abort(self, reason: int, source: int = 2) -> None:
-        try:
-            self.sock.sendall(abort_pdu(reason, source))
-        except OSError:
-            pass
-
-    # -- association ---------------------------------------------------------
-
-    def run(self, over_limit: bool) -> None:
-        scp = self.scp
-        self.sock.settimeout(scp.network_timeout or None)
-        try:
-            if scp.ssl_context is not None:
-                self.sock = self.reader.sock = scp.ssl_context.wrap_socket(self.sock, server_side=True)
-                with scp._lock:  # stop() must shut down the socket that now owns the descriptor
-                    scp._connections[threading.current_thread()] = self.sock
-            pdu_type, body = self.reader.read(_MAX_CONTROL_PDU)
-            if pdu_type != ASSOCIATE_RQ:
-                raise ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02x}", ABORT_UNEXPECTED_PDU)
             rq = parse_associate_rq(body)
-        except (ProtocolError, OSError, ssl.SSLError, ConnectionError) as exc:
-            self._fail_before_association(exc)
+        except ProtocolError as exc:  # Sta2 + invalid PDU: AA-1
+            log.warning("association_failed", host=host, stage="negotiation", error=str(exc))
+            gate.answer(sock, address, abort_pdu(ABORT_NOT_SPECIFIED, SOURCE_USER))
             return
-        self.info.calling_ae, self.info.called_ae = rq.calling_ae, rq.called_ae
-        reject = self._check(rq, over_limit)
+        reject = self._check(rq, host)
         if reject is not None:
-            try:
-                self.sock.sendall(encode_associate_rj(*reject))
-            except OSError:
-                pass
-            log.warning("association_rejected", calling_ae=rq.calling_ae, called_ae=rq.called_ae, host=self.host,
+            log.warning("association_rejected", calling_ae=rq.calling_ae, called_ae=rq.called_ae, host=host,
                         reason=_REJECT_TEXT[reject])
+            gate.answer(sock, address, encode_associate_rj(*reject))
             return
-        negotiated = negotiate(rq, scp.accept_sop_class)
-        try:
-            self.sock.sendall(encode_associate_ac(rq.called_ae, rq.calling_ae, negotiated.results(rq), scp.max_pdu))
-            outcome = self._dimse_loop(negotiated)
-        except ProtocolError as exc:
-            self._send_abort(exc.reason)
-            outcome = f"aborted: {exc}"
-        except (TimeoutError, socket.timeout):
-            self._send_abort(ABORT_NOT_SPECIFIED)
-            outcome = "aborted: network timeout"
-        except (OSError, ConnectionError, ssl.SSLError) as exc:
-            if scp._stopping.is_set():
-                self._send_abort(ABORT_NOT_SPECIFIED, source=SOURCE_USER)
-                outcome = "aborted: the node is stopping"
-            else:
-                outcome = f"aborted: connection lost ({type(exc).__name__})"
-        self._finish(outcome)
+        started, thread = False, None
+        try:  # the slot was taken by _check: whatever happens now, it and the socket are given back
+            thread = threading.Thread(target=self._serve, args=(sock, address, rq),
+                                      name=f"association-{host}:{address[1]}", daemon=True)
+            with self._lock:
+                self._connections[thread] = sock
+            thread.start()
+            started = True
+        finally:
+            if not started:
+                with self._lock:
+                    self._active -= 1
+                    if thread is not None:
+                        self._connections.pop(thread, None)
+                sock.close()
 
-    def _fail_before_association(self, exc: BaseException) -> None:
-        if isinstance(exc, ProtocolError):
-            self._send_abort(exc.reason)
-        elif isinstance(exc, (TimeoutError, socket.timeout)):
-            self._send_abort(ABORT_NOT_SPECIFIED)
-        log.warning("association_failed", host=self.host, stage="negotiation",
-                    error=f"{type(exc).__name__}: {exc}")
-
-    def _check(self, rq: AssociateRequest, over_limit: bool) -> tuple[int, int, int] | None:
+    def _check(self, rq: AssociateRequest, host: str) -> tuple[int, int, int] | None:
+        """Why the request is rejected, or None after taking an association slot for it."""
         if not rq.protocol_version & 1:
             return REJECT_PROTOCOL_VERSION
         if rq.application_context != APPLICATION_CONTEXT:
             return REJECT_APPLICATION_CONTEXT
         try:
-            allowed = self.scp.allow(rq.calling_ae, self.host)
+            allowed = self.allow(rq.calling_ae, host)
         except Exception as exc:  # a broken allow-list must refuse, not crash
             log.error("allow_failed", error=f"{type(exc).__name__}: {exc}")
             allowed = False
         if not allowed:
             return REJECT_CALLING_AE
-        if over_limit:
-            return REJECT_LOCAL_LIMIT
+        with self._lock:
+            if self._active >= self.max_associations:
+                return REJECT_LOCAL_LIMIT
+            self._active += 1
         return None
+
+    def _serve(self, sock: socket.socket, address: tuple, rq: AssociateRequest) -> None:
+        assoc = None
+        try:
+            assoc = _Association(self, sock, address, rq)
+            assoc.run()
+        except Exception as exc:  # the last line of defence: a bug must never take the acceptor down
+            log.error("association_crashed", host=address[0], error=f"{type(exc).__name__}: {exc}")
+            if assoc is None or not assoc.handed_on:
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+        finally:
+            with self._lock:
+                self._active -= 1
+                self._connections.pop(threading.current_thread(), None)
+
+    def _linger(self, sock: socket.socket, address: tuple) -> None:
+        """After A-RELEASE-RP or A-ABORT: the gate waits for the peer to close (Sta13, ARTIM)."""
+        gate = self._gate
+        if gate is None or self._stopping.is_set():
+            sock.close()
+        else:
+            gate.linger(sock, address)
+
+
+class _Association:
+    """One association from A-ASSOCIATE-AC to release or abort (Sta6 of PS3.8's table), on its own thread.
+
+    The socket is this object's until :meth:`run` returns: then it is closed or handed back to the
+    gate to wait for the peer's close.
+    """
+
+    def __init__(self, scp: StorageSCP, sock: socket.socket, address: tuple, rq: AssociateRequest) -> None:
+        self.scp = scp
+        self.sock = sock
+        self.address = address
+        self.rq = rq
+        self.reader = PDUReader(sock)
+        self.host = str(address[0])
+        self.info = AssociationInfo(calling_ae=rq.calling_ae, called_ae=rq.called_ae, host=self.host,
+                                    port=int(address[1]), started=time.monotonic())
+        self._incoming: Any = None
+        self.handed_on = False  # the socket went back to the gate (or was closed) when run() ended
+
+    def _send(self, data: bytes) -> None:
+        self.sock.settimeout(self.scp.network_timeout)  # reads leave their own, shorter, timeout behind
+        self.sock.sendall(data)
+
+    def _send_abort(self, reason: int, source: int) -> None:
+        try:
+            self._send(abort_pdu(reason, source))
+        except OSError:
+            pass
+
+    def run(self) -> None:
+        scp = self.scp
+        linger = False
+        try:
+            negotiated = negotiate(self.rq, scp.accept_sop_class)
+            self._send(encode_associate_ac(self.rq.called_ae, self.rq.calling_ae, negotiated.results(self.rq),
+                                           scp.max_pdu))
+            outcome = self._dimse_loop(negotiated)
+            linger = outcome.startswith("released")
+        except ProtocolError as exc:  # Sta6 + unexpected or invalid PDU: AA-8
+            self._send_abort(exc.reason, SOURCE_PROVIDER)
+            outcome, linger = f"aborted: {exc}", True
+        except (TimeoutError, socket.timeout):  # the node gives up on a silent peer: an A-ABORT of its own
+            self._send_abort(ABORT_NOT_SPECIFIED, SOURCE_USER)
+            outcome, linger = "aborted: network timeout", True
+        except (OSError, ConnectionError, ssl.SSLError) as exc:
+            if scp._stopping.is_set():
+                self._send_abort(ABORT_NOT_SPECIFIED, SOURCE_USER)
+                outcome = "aborted: the node is stopping"
+            else:
+                outcome = f"aborted: connection lost ({type(exc).__name__})"
+        try:
+            self._finish(outcome)
+        finally:
+            self.handed_on = True
+            if linger:
+                scp._linger(self.sock, self.address)
+            else:
+                self.sock.close()
 
     def _finish(self, outcome: str) -> None:
         info = self.info
@@ -474,27 +507,36 @@ class _Association:
             affected_sop_instance_uid=text(fields.get(0x1000)), message_id=uint(fields.get(0x0110), 2, 0),
             dataset=dataset)
 
-    def _open_incoming(self, neg: Negotiated, pcid: int, fields: dict[int, bytes]) -> Any:
+    def _open_incoming(self, neg: Negotiated, pcid: int, fields: dict[int, bytes], received: bytearray) -> Any:
+        """The file the rest of a large data set goes to; one that cannot be written drains it instead."""
         request = self._request(neg, pcid, fields, b"")
+        incoming = None
         try:
-            return self.scp.incoming(request)
-        except Exception as exc:  # keep receiving into memory; storing will report a real failure
+            incoming = self.scp.incoming(request)
+            incoming.write(received)
+            return incoming
+        except Exception as exc:  # e.g. disk full: read the rest and drop it, answer Out of Resources
             log.error("incoming_failed", sop_uid=request.affected_sop_instance_uid,
                       error=f"{type(exc).__name__}: {exc}")
-            return None
+            if incoming is not None:
+                self._incoming = incoming
+                self._close_incoming()
+            return _Unwritable(exc if isinstance(exc, OSError) else OSError(str(exc)))
 
     def _dimse_messages(self, neg: Negotiated) -> str:
         contexts = neg.contexts
         incoming_after = self.scp.incoming_after if self.scp.incoming is not None else 0
-        max_pdu = self.scp.max_pdu
+        max_pdu, timeout = self.scp.max_pdu, self.scp.network_timeout
         command = bytearray()
         fields: dict[int, bytes] | None = None  # a parsed command waiting for its data set
+        keep = False                            # whether that data set is kept (C-STORE) or only counted
         dataset = bytearray()
+        ignored = 0
         context_id = 0
         while True:
-            pdu_type, body = self.reader.read(max_pdu)
+            pdu_type, body = self.reader.read(max_pdu, time.monotonic() + timeout)
             if pdu_type == RELEASE_RQ:
-                self.sock.sendall(RELEASE_RP_PDU)
+                self._send(RELEASE_RP_PDU)
                 return "released" if fields is None and not command else "released mid-message"
             if pdu_type == ABORT:
                 return "aborted by peer"
@@ -509,32 +551,41 @@ class _Association:
                     if fields is not None or (command and pcid != context_id):
                         raise ProtocolError("command fragment while a data set was expected", ABORT_UNEXPECTED_PARAMETER)
                     context_id = pcid
+                    if len(command) + len(fragment) > MAX_COMMAND:
+                        raise ProtocolError(f"DIMSE command set longer than {MAX_COMMAND} bytes", ABORT_INVALID_PARAMETER)
                     command += fragment
                     if not mch & 2:
                         continue
                     parsed = parse_command(command)
                     command = bytearray()
+                    cmd = uint(parsed.get(0x0100), 2, -1)
                     if uint(parsed.get(0x0800), 2, NO_DATA_SET) == NO_DATA_SET:
                         self._dispatch(neg, pcid, parsed, None)
+                    elif cmd == Command.C_ECHO_RQ:
+                        raise ProtocolError("C-ECHO-RQ announcing a data set", ABORT_INVALID_PARAMETER)
                     else:
-                        fields = parsed
+                        fields, keep, ignored = parsed, cmd == Command.C_STORE_RQ, 0
                 else:
                     if fields is None or pcid != context_id:
                         raise ProtocolError("data set fragment without its command", ABORT_UNEXPECTED_PARAMETER)
-                    if self._incoming is not None:
+                    if not keep:  # a request the node answers without reading its data set
+                        ignored += len(fragment)
+                        if ignored > MAX_IGNORED_DATA_SET:
+                            raise ProtocolError(f"data set of an unsupported request longer than "
+                                                f"{MAX_IGNORED_DATA_SET} bytes", ABORT_INVALID_PARAMETER)
+                    elif self._incoming is not None:
                         try:
                             self._incoming.write(fragment)
                         except OSError as exc:  # e.g. disk full: drain the rest, answer a failure status
+                            log.error("incoming_failed", sop_uid=text(fields.get(0x1000)),
+                                      error=f"{type(exc).__name__}: {exc}")
                             self._close_incoming()
                             self._incoming = _Unwritable(exc)
                     else:
                         dataset += fragment
-                        if incoming_after and len(dataset) >= incoming_after and not mch & 2 \
-                                and uint(fields.get(0x0100), 2, -1) == Command.C_STORE_RQ:
-                            self._incoming = self._open_incoming(neg, pcid, fields)
-                            if self._incoming is not None:
-                                self._incoming.write(dataset)
-                                dataset = bytearray()
+                        if incoming_after and len(dataset) >= incoming_after and not mch & 2:
+                            self._incoming = self._open_incoming(neg, pcid, fields, dataset)
+                            dataset = bytearray()
                     if mch & 2:
                         done, fields = fields, None
                         try:
@@ -564,7 +615,7 @@ class _Association:
                                   text(fields.get(0x1000) or fields.get(0x1001)))
         else:
             raise ProtocolError(f"unexpected DIMSE command 0x{cmd:04x}", ABORT_UNEXPECTED_PARAMETER)
-        self.sock.sendall(encode_p_data(pcid, rsp, neg.peer_max_pdu))
+        self._send(encode_p_data(pcid, rsp, neg.peer_max_pdu))
 
     def _store(self, neg: Negotiated, pcid: int, fields: dict[int, bytes], dataset: Any) -> tuple[int, str]:
         if dataset is None:

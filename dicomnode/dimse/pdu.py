@@ -29,7 +29,6 @@ ABORT_NOT_SPECIFIED, ABORT_UNRECOGNIZED_PDU, ABORT_UNEXPECTED_PDU = 0, 1, 2
 ABORT_UNRECOGNIZED_PARAMETER, ABORT_UNEXPECTED_PARAMETER, ABORT_INVALID_PARAMETER = 4, 5, 6
 
 # A-ASSOCIATE-RJ (result, source, reason) triples (PS3.8 9.3.4)
-REJECT_NO_REASON = (1, 1, 1)            # permanent, service-user, no reason given
 REJECT_APPLICATION_CONTEXT = (1, 1, 2)  # permanent, service-user, application context name not supported
 REJECT_CALLING_AE = (1, 1, 3)           # permanent, service-user, calling AE title not recognised
 REJECT_PROTOCOL_VERSION = (1, 2, 2)     # permanent, service-provider (ACSE), protocol version not supported
@@ -147,7 +146,8 @@ def parse_associate_rq(body: bytes | memoryview) -> AssociateRequest:
     Raises
     ------
     ProtocolError
-        When an item is truncated or overruns its parent.
+        When an item is truncated or overruns its parent, or a presentation context ID is even or
+        repeated.
     """
     body = memoryview(body)
     if len(body) < 68:
@@ -166,7 +166,10 @@ def parse_associate_rq(body: bytes | memoryview) -> AssociateRequest:
                     abstract = uid_text(sub)
                 elif sub_type == 0x40:
                     transfers.append(uid_text(sub))
-            rq.contexts.append((value[0], abstract, transfers))
+            pcid = value[0]
+            if not pcid & 1 or any(pcid == known for known, _, _ in rq.contexts):  # PS3.8 9.3.2.2
+                raise ProtocolError(f"presentation context ID {pcid} is even or proposed twice", ABORT_INVALID_PARAMETER)
+            rq.contexts.append((pcid, abstract, transfers))
         elif item_type == 0x50:
             for sub_type, sub in items(value, "A-ASSOCIATE-RQ"):
                 if sub_type == 0x51 and len(sub) >= 4:

@@ -188,7 +188,7 @@ def test_tls_to_the_nodes_own_acceptor(tmp_path):
     server_ctx.load_cert_chain(cert, key)
     got = []
     scp = StorageSCP("NODE", "127.0.0.1", 0, store=lambda req: (got.append(bytes(req.dataset)), (0, ""))[1],
-                         allow=lambda ae, host: True, ssl_context=server_ctx, network_timeout=5)
+                     allow=lambda ae, host: True, ssl_context=server_ctx, network_timeout=5)
     scp.start()
     try:
         client_ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
@@ -390,7 +390,7 @@ def test_refused_sop_class_is_an_error_for_its_files(tmp_path):
     cr = save(image_dataset(np.zeros((8, 8), np.uint16), patient=PhantomPatient.make(np.random.default_rng(0), "cr", 0),
                             modality="CR", sop_class_uid=CR_IMAGE), tmp_path / "cr")
     scp = StorageSCP("NODE", "127.0.0.1", 0, store=lambda req: (0, ""), allow=lambda ae, host: True,
-                         accept_sop_class=lambda uid: uid == CT_IMAGE)
+                     accept_sop_class=lambda uid: uid == CT_IMAGE)
     scp.start()
     try:
         kept, errors, assoc_error = send_files("127.0.0.1", scp.port, "NODE", "DICOMNODE", [cr, files[0]], timeout=5)
