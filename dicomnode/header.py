@@ -25,6 +25,9 @@ from pydicom.filereader import read_dataset
 from .store import ROUTING_KEYWORDS, to_jsonable
 
 TAG_PIXEL_DATA = 0x7FE00010
+# Pixel Data, Float Pixel Data and Double Float Pixel Data (PS3.5 8.1.1): an image has one of them.
+PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, TAG_PIXEL_DATA})
+_PIXEL_GROUP_ELEMENTS = frozenset((tag >> 16, tag & 0xFFFF) for tag in PIXEL_TAGS)
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _UNDEFINED = 0xFFFFFFFF
 _IMPLICIT_LE = "1.2.840.10008.1.2"
@@ -118,7 +121,7 @@ def _walk(buf: Any, pos: int, implicit: bool, little: bool, found: dict | None, 
         group, element = tag_of(buf, pos)
         tag = group << 16 | element
         if depth == 0:
-            if tag == TAG_PIXEL_DATA:
+            if tag in PIXEL_TAGS:
                 return pos
             if group == 0xFFFE:
                 raise _Unusual()
@@ -322,7 +325,7 @@ def _read_until_pixels(dataset: Any, implicit: bool, little: bool) -> tuple[Data
     set when the header is longer.
     """
     def stop(tag: int, vr: str | None, length: int) -> bool:
-        return tag == TAG_PIXEL_DATA
+        return tag in PIXEL_TAGS
 
     if len(dataset) > _HEAD:
         head = bytes(dataset[:_HEAD])
@@ -330,7 +333,7 @@ def _read_until_pixels(dataset: Any, implicit: bool, little: bool) -> tuple[Data
         try:
             ds = read_dataset(fp, implicit, little, stop_when=stop)
             pos = fp.tell()
-            if head[pos:pos + 4] == (b"\xe0\x7f\x10\x00" if little else b"\x7f\xe0\x00\x10"):
+            if len(head) - pos >= 4 and struct.unpack_from("<HH" if little else ">HH", head, pos) in _PIXEL_GROUP_ELEMENTS:
                 return ds, pos
         except Exception:  # the header runs past the slice: parse the whole data set below
             pass

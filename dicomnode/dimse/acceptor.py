@@ -454,6 +454,9 @@ class _Association:
         except (TimeoutError, socket.timeout):  # the node gives up on a silent peer: an A-ABORT of its own
             self._send_abort(ABORT_NOT_SPECIFIED, SOURCE_USER)
             outcome, linger = "aborted: network timeout", True
+        except MemoryError:  # a PDU or data set buffer could not be had: this association ends, the node goes on
+            self._send_abort(ABORT_NOT_SPECIFIED, SOURCE_USER)
+            outcome, linger = "aborted: out of memory", True
         except (OSError, ConnectionError, ssl.SSLError) as exc:
             if scp._stopping.is_set():
                 self._send_abort(ABORT_NOT_SPECIFIED, SOURCE_USER)

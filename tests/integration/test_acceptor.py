@@ -306,10 +306,13 @@ def test_negotiation_results():
         (9, CR_IMAGE, [private]),
         (11, "1.2.840.10008.5.1.4.1.2.2.1", [implicit]),  # C-FIND is not storage
         (13, "1.2.840.10008.5.1.4.1.1.4", [implicit]),    # refused by the callback
+        (15, CR_IMAGE, ["1.2.840.10008.1.2.4.999", "1.2.840.10008.1.2.1.42", explicit]),  # made-up ones are skipped
+        (17, CR_IMAGE, ["1.2.840.10008.1.2.77"]),
+        (19, CR_IMAGE, ["1.2.840.10008.1.2.4.94"]),       # JPIP: the pixel data would be elsewhere
     ])
     neg = negotiate(rq, lambda uid: uid != "1.2.840.10008.5.1.4.1.1.4")
-    assert {k: v.transfer_syntax for k, v in neg.contexts.items()} == {1: implicit, 5: j2k, 7: explicit}
-    assert neg.refused == {3: 4, 9: 4, 11: 3, 13: 3}
+    assert {k: v.transfer_syntax for k, v in neg.contexts.items()} == {1: implicit, 5: j2k, 7: explicit, 15: explicit}
+    assert neg.refused == {3: 4, 9: 4, 11: 3, 13: 3, 17: 4, 19: 4}
 
 
 def test_a_failing_callback_gets_0xC211_and_the_association_carries_on(tmp_path):

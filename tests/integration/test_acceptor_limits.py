@@ -246,3 +246,35 @@ def test_a_pdu_over_the_maximum_is_aborted_from_its_header(scp_factory):
     s.sendall(pdu.PDU_HEADER.pack(pdu.P_DATA_TF, 0xFFFFFFF0))  # 4 GiB announced: nothing allocated for it
     assert abort_of(read_pdu(s)) == (2, pdu.ABORT_INVALID_PARAMETER)
     assert rss_bytes() - rss0 < 8 << 20
+
+
+def test_a_made_up_transfer_syntax_is_never_accepted(scp_factory):
+    scp = scp_factory()
+    ct = "1.2.840.10008.5.1.4.1.1.2"
+    s = connect(scp.port)
+    s.sendall(request([(1, ct, ["1.2.840.10008.1.2.4.999"]), (3, ct, ["1.2.840.10008.1.2.1"])]))
+    answer = read_pdu(s)
+    assert answer is not None and answer[0] == pdu.ASSOCIATE_AC
+    results = pdu.parse_associate_ac(answer[1]).results
+    assert results == {1: (4, "1.2.840.10008.1.2.4.999"), 3: (0, "1.2.840.10008.1.2.1")}
+    s.close()
+
+
+def test_a_failed_buffer_allocation_gives_back_the_socket_and_the_slot(scp_factory, monkeypatch):
+    scp = scp_factory(max_associations=1)
+    real_read = pdu.PDUReader.read
+    failed = []
+
+    def read(self, limit, deadline=None):  # the fault: the first PDU buffer of the association cannot be had
+        if not failed:
+            failed.append(1)
+            raise MemoryError()
+        return real_read(self, limit, deadline)
+
+    monkeypatch.setattr(pdu.PDUReader, "read", read)
+    s = associate(scp.port)
+    s.sendall(p_data((1, 0x03, echo_rq())))
+    assert abort_of(read_pdu(s)) == (0, 0)
+    s.close()
+    wait_until(lambda: scp.active_associations == 0 and scp.waiting_connections == 0)
+    assert echoscu(scp.port).returncode == 0  # the only slot is free again
