@@ -9,7 +9,9 @@ or than the image needs, encapsulated pixel data without its sequence delimiter.
 
 Anything out of the ordinary (non-ASCII text, which needs the Specific Character Set; a value
 that does not parse as its VR; an unknown VR; deflated syntaxes; very deep nesting) is handed to
-pydicom, which reads the same attributes the slow way: both paths give the same values.
+pydicom, which reads the same attributes the slow way: both paths give the same values. Whatever
+pydicom meets in a damaged data set comes out as :class:`ValueError`, so a caller has one error
+to answer. A deflated data set is inflated to at most 256 MiB.
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ def read_header(dataset: Any, transfer_syntax: str) -> Header:
         else:
             _check_pixels(dataset, pos, header, implicit, little)
             return header
-    return header_from_dataset(_parse_with_pydicom(dataset, transfer_syntax))
+    return header_from_dataset(parse_dataset(dataset, transfer_syntax))
 
 
 def header_from_dataset(ds: Dataset) -> Header:
@@ -291,6 +293,7 @@ def _native_pixel_bytes(header: Header) -> int | None:
 # -- the slow reader -----------------------------------------------------------------------------
 
 _HEAD = 1 << 16
+_MAX_INFLATED = 256 << 20
 
 
 class _StrictReader(io.BytesIO):
@@ -307,7 +310,10 @@ def _parse_with_pydicom(dataset: Any, transfer_syntax: str) -> Dataset:
     if transfer_syntax in _DEFLATED:
         import zlib
 
-        raw = zlib.decompress(bytes(dataset), -zlib.MAX_WBITS)
+        inflate = zlib.decompressobj(-zlib.MAX_WBITS)
+        raw = inflate.decompress(bytes(dataset), _MAX_INFLATED + 1)
+        if len(raw) > _MAX_INFLATED:
+            raise ValueError(f"deflated data set inflates beyond {_MAX_INFLATED >> 20} MiB")
         ds = read_dataset(io.BytesIO(raw), False, True)
         _ = [e for e in ds]  # converts every element: raises on damage
         return ds
@@ -343,5 +349,16 @@ def _read_until_pixels(dataset: Any, implicit: bool, little: bool) -> tuple[Data
 
 
 def parse_dataset(dataset: Any, transfer_syntax: str) -> Dataset:
-    """The data set's elements before the pixel data as a pydicom Dataset, checked as :func:`read_header` does."""
-    return _parse_with_pydicom(dataset, transfer_syntax)
+    """The data set's elements before the pixel data as a pydicom Dataset, checked as :func:`read_header` does.
+
+    Raises
+    ------
+    ValueError
+        For a truncated or malformed data set, whatever pydicom raised for it.
+    """
+    try:
+        return _parse_with_pydicom(dataset, transfer_syntax)
+    except (ValueError, MemoryError):
+        raise
+    except Exception as exc:  # pydicom's errors for damaged input: NotImplementedError, OSError, zlib.error, ...
+        raise ValueError(f"the data set cannot be read ({type(exc).__name__})") from exc

@@ -91,6 +91,8 @@ def read_file_meta(path: str | os.PathLike) -> FileMeta:
             if not vr.isalpha() or not vr.isupper():
                 raise ValueError(f"{path.name} has a file meta group that is not Explicit VR Little Endian")
             if vr in LONG_VRS:
+                if len(head) - offset < 12:
+                    raise ValueError(f"{path.name} ends inside its file meta group")
                 length = struct.unpack_from("<I", head, offset + 8)[0]
                 start = offset + 12
             else:
