@@ -49,7 +49,6 @@ class NodeSection(_Strict):
     port: int = Field(11112, ge=0, le=65535, description="0 picks a free port")
     max_associations: int = Field(16, ge=1, le=1024)
     max_pdu: int = Field(1 << 20, ge=4096, le=0xFFFFFFFF, description="maximum PDU length we announce")
-    engine: Literal["fast", "pynetdicom"] = Field("fast", description="upper-layer implementation of the storage SCP")
     receivers: int = Field(1, ge=1, le=32, description="receiver processes sharing the port (SO_REUSEPORT); more use more cores")
     tls: TLSConfig = TLSConfig()
     fsync: bool = True

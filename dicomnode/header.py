@@ -9,7 +9,9 @@ or than the image needs, encapsulated pixel data without its sequence delimiter.
 
 Anything out of the ordinary (non-ASCII text, which needs the Specific Character Set; a value
 that does not parse as its VR; an unknown VR; deflated syntaxes; very deep nesting) is handed to
-pydicom, which reads the same attributes the slow way: both paths give the same values.
+pydicom, which reads the same attributes the slow way: both paths give the same values. Whatever
+pydicom meets in a damaged data set comes out as :class:`ValueError`, so a caller has one error
+to answer. A deflated data set is inflated to at most 256 MiB.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from pydicom.filereader import read_dataset
 from .store import ROUTING_KEYWORDS, to_jsonable
 
 TAG_PIXEL_DATA = 0x7FE00010
+# Pixel Data, Float Pixel Data and Double Float Pixel Data (PS3.5 8.1.1): an image has one of them.
+PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, TAG_PIXEL_DATA})
+_PIXEL_GROUP_ELEMENTS = frozenset((tag >> 16, tag & 0xFFFF) for tag in PIXEL_TAGS)
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _UNDEFINED = 0xFFFFFFFF
 _IMPLICIT_LE = "1.2.840.10008.1.2"
@@ -82,7 +87,7 @@ def read_header(dataset: Any, transfer_syntax: str) -> Header:
         else:
             _check_pixels(dataset, pos, header, implicit, little)
             return header
-    return header_from_dataset(_parse_with_pydicom(dataset, transfer_syntax))
+    return header_from_dataset(parse_dataset(dataset, transfer_syntax))
 
 
 def header_from_dataset(ds: Dataset) -> Header:
@@ -118,7 +123,7 @@ def _walk(buf: Any, pos: int, implicit: bool, little: bool, found: dict | None, 
         group, element = tag_of(buf, pos)
         tag = group << 16 | element
         if depth == 0:
-            if tag == TAG_PIXEL_DATA:
+            if tag in PIXEL_TAGS:
                 return pos
             if group == 0xFFFE:
                 raise _Unusual()
@@ -288,6 +293,7 @@ def _native_pixel_bytes(header: Header) -> int | None:
 # -- the slow reader -----------------------------------------------------------------------------
 
 _HEAD = 1 << 16
+_MAX_INFLATED = 256 << 20
 
 
 class _StrictReader(io.BytesIO):
@@ -304,7 +310,10 @@ def _parse_with_pydicom(dataset: Any, transfer_syntax: str) -> Dataset:
     if transfer_syntax in _DEFLATED:
         import zlib
 
-        raw = zlib.decompress(bytes(dataset), -zlib.MAX_WBITS)
+        inflate = zlib.decompressobj(-zlib.MAX_WBITS)
+        raw = inflate.decompress(bytes(dataset), _MAX_INFLATED + 1)
+        if len(raw) > _MAX_INFLATED:
+            raise ValueError(f"deflated data set inflates beyond {_MAX_INFLATED >> 20} MiB")
         ds = read_dataset(io.BytesIO(raw), False, True)
         _ = [e for e in ds]  # converts every element: raises on damage
         return ds
@@ -322,7 +331,7 @@ def _read_until_pixels(dataset: Any, implicit: bool, little: bool) -> tuple[Data
     set when the header is longer.
     """
     def stop(tag: int, vr: str | None, length: int) -> bool:
-        return tag == TAG_PIXEL_DATA
+        return tag in PIXEL_TAGS
 
     if len(dataset) > _HEAD:
         head = bytes(dataset[:_HEAD])
@@ -330,7 +339,7 @@ def _read_until_pixels(dataset: Any, implicit: bool, little: bool) -> tuple[Data
         try:
             ds = read_dataset(fp, implicit, little, stop_when=stop)
             pos = fp.tell()
-            if head[pos:pos + 4] == (b"\xe0\x7f\x10\x00" if little else b"\x7f\xe0\x00\x10"):
+            if len(head) - pos >= 4 and struct.unpack_from("<HH" if little else ">HH", head, pos) in _PIXEL_GROUP_ELEMENTS:
                 return ds, pos
         except Exception:  # the header runs past the slice: parse the whole data set below
             pass
@@ -340,5 +349,16 @@ def _read_until_pixels(dataset: Any, implicit: bool, little: bool) -> tuple[Data
 
 
 def parse_dataset(dataset: Any, transfer_syntax: str) -> Dataset:
-    """The data set's elements before the pixel data as a pydicom Dataset, checked as :func:`read_header` does."""
-    return _parse_with_pydicom(dataset, transfer_syntax)
+    """The data set's elements before the pixel data as a pydicom Dataset, checked as :func:`read_header` does.
+
+    Raises
+    ------
+    ValueError
+        For a truncated or malformed data set, whatever pydicom raised for it.
+    """
+    try:
+        return _parse_with_pydicom(dataset, transfer_syntax)
+    except (ValueError, MemoryError):
+        raise
+    except Exception as exc:  # pydicom's errors for damaged input: NotImplementedError, OSError, zlib.error, ...
+        raise ValueError(f"the data set cannot be read ({type(exc).__name__})") from exc

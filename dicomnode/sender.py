@@ -10,8 +10,8 @@ from pathlib import Path
 
 import structlog
 
-from . import fastscu
 from .config import Config, Destination
+from .dimse import requestor
 from .outbox import Outbox
 
 log = structlog.get_logger("dicomnode.sender")
@@ -38,14 +38,14 @@ def echo(cfg: Config, name: str) -> tuple[bool, str]:
     if name not in cfg.destinations:
         return False, f"unknown destination {name!r}; configured: {', '.join(sorted(cfg.destinations)) or 'none'}"
     d = cfg.destinations[name]
-    ok, message = fastscu.echo(d.host, d.port, d.ae_title, _requestor_title(cfg), timeout=cfg.node.network_timeout,
+    ok, message = requestor.echo(d.host, d.port, d.ae_title, _requestor_title(cfg), timeout=cfg.node.network_timeout,
                                ssl_context=_client_tls(cfg, d))
     return ok, f"{name} ({d.ae_title}@{d.host}:{d.port}): {message}"
 
 
 def send_files(cfg: Config, dest: Destination, paths: list[Path]) -> tuple[list[int], dict[int, str], str | None]:
     """Send files over one association; returns (indices kept, {index: error}, association error)."""
-    return fastscu.send_files(dest.host, dest.port, dest.ae_title, _requestor_title(cfg), paths,
+    return requestor.send_files(dest.host, dest.port, dest.ae_title, _requestor_title(cfg), paths,
                               timeout=cfg.node.network_timeout, ssl_context=_client_tls(cfg, dest))
 
 

@@ -428,7 +428,11 @@ class IncomingFile:
         self._map: mmap.mmap | None = None
         self._view: memoryview | None = None
         self.committed = False
-        self.write(prefix)
+        try:
+            self.write(prefix)
+        except BaseException:  # e.g. disk full: no descriptor or empty file may outlive the failure
+            self.close()
+            raise
 
     def write(self, data: Any) -> None:
         self.size += _write_all(self.fd, [data])

@@ -176,3 +176,22 @@ def test_real_files_give_the_same_attributes_both_ways():
         compared += 1
     assert compared >= 20 and refused <= 2
     assert set(KEYWORDS) >= {"SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "Modality"}
+
+
+@pytest.mark.parametrize("reader", [_fast, _slow])
+@pytest.mark.parametrize("keyword, dtype, bits", [("FloatPixelData", "<f4", 32), ("DoubleFloatPixelData", "<f8", 64)])
+def test_float_pixel_data_is_pixel_data(reader, keyword, dtype, bits):
+    """Parametric maps carry (7FE0,0008) or (7FE0,0009) instead of (7FE0,0010): whole ones pass, cut ones do not."""
+    rng = np.random.default_rng(4)
+    ds = image_dataset((rng.random((32, 32)) * 4000).astype(np.uint16), patient=PhantomPatient.make(rng, "pf", 1),
+                       modality="MR", sop_class_uid="1.2.840.10008.5.1.4.1.1.30")
+    del ds.PixelData
+    for kw in ("BitsStored", "HighBit", "PixelRepresentation"):
+        delattr(ds, kw)
+    ds.BitsAllocated = bits
+    setattr(ds, keyword, rng.random((32, 32)).astype(dtype).tobytes())
+    raw = _bytes(ds)
+    assert reader(raw, EXPLICIT)["BitsAllocated"] == bits
+    with pytest.raises(ValueError, match="PixelData has"):
+        reader(raw[:-100], EXPLICIT)
+    assert reader(_bytes(ds, implicit=True), "1.2.840.10008.1.2")["Rows"] == 32

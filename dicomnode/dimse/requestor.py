@@ -1,12 +1,9 @@
-"""A lean DICOM C-STORE / C-ECHO requestor: the sender's hot path.
+"""The C-STORE and C-ECHO service class user: the sender's upper layer, one blocking socket per association.
 
-pynetdicom's requestor hands every PDU through its DUL and reactor threads, which poll with a
-sleep per loop; that caps one association at about 100 small instances per second and, now and
-then, loses the race for a C-STORE-RSP so the association sits until the DIMSE timeout. This
-module speaks the upper layer (PS3.8) itself on one blocking socket: send the command PDV, stream
-the file's data set bytes from disk in P-DATA-TF PDUs exactly as stored (no decoding, no
-transcoding), then read the C-STORE-RSP with a deadline. PDU and command-set encoding is shared
-with the receiver in :mod:`dicomnode.dul`.
+It sends the command PDV, streams the file's data set bytes from disk in P-DATA-TF PDUs exactly
+as stored (no decoding, no transcoding), then reads the C-STORE-RSP with a deadline. pynetdicom's
+requestor hands every PDU through its DUL and reactor threads, which poll with a sleep per loop;
+that capped one association at about 100 small instances per second.
 """
 
 from __future__ import annotations
@@ -14,31 +11,29 @@ from __future__ import annotations
 import os
 import socket
 import ssl
-import struct
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import structlog
 
-from .dul import (
+from .commands import NO_DATA_SET, Command, encode_echo_rq, encode_store_rq, parse_command, text, uint
+from .part10 import FileMeta, read_file_meta
+from .pdu import (
     ABORT, ABORT_INVALID_PARAMETER, ABORT_NOT_SPECIFIED, ABORT_UNEXPECTED_PARAMETER, ABORT_UNEXPECTED_PDU,
-    ABORT_UNRECOGNIZED_PDU, APPLICATION_CONTEXT, ASSOCIATE_AC, ASSOCIATE_RJ, C_ECHO_RSP, C_STORE_RSP,
-    CONTEXT_ACCEPTED, EXPLICIT_VR_LE, IMPLICIT_VR_LE, NO_DATA_SET, P_DATA_TF, PDU_HEADER, PDU_TYPES, PDV_HEADER,
-    RELEASE_RP, RELEASE_RP_PDU, RELEASE_RQ, RELEASE_RQ_PDU, VERIFICATION, ProtocolError, abort_pdu,
-    encode_associate_rq, encode_echo_rq, encode_p_data, encode_store_rq, parse_associate_ac, parse_command, text,
-    uint,
+    ASSOCIATE_AC, ASSOCIATE_RJ, CONTEXT_ACCEPTED, P_DATA_TF, PDU_HEADER, PDV_HEADER, RELEASE_RP, RELEASE_RP_PDU,
+    RELEASE_RQ, RELEASE_RQ_PDU, SOURCE_USER, PDUReader, ProtocolError, abort_pdu, encode_associate_rq, encode_p_data,
+    parse_associate_ac, pdvs,
 )
+from .status import is_kept
+from .syntaxes import APPLICATION_CONTEXT, EXPLICIT_VR_LE, IMPLICIT_VR_LE, VERIFICATION
 
-log = structlog.get_logger("dicomnode.fastscu")
+log = structlog.get_logger("dicomnode.dimse.requestor")
 
 MAX_CONTEXTS = 128  # odd presentation context IDs 1..255 (PS3.8 9.3.2.2)
 # A peer announcing 0 takes PDUs of any length; 1 MiB fragments keep the syscall count low without big buffers.
 _UNLIMITED_FRAGMENT = 1 << 20
 _MAX_CONTROL_PDU = 1 << 20
-# Explicit VRs whose value length is 4 bytes after 2 reserved ones (PS3.5 7.1.2).
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
 
 # A-ASSOCIATE-RJ (source, reason) -> words (PS3.8 9.3.4)
 _REJECT_REASONS = {
@@ -55,88 +50,7 @@ class AssociationError(Exception):
     """The association could not be established, or it was lost (aborted, released, timed out, connection dropped)."""
 
 
-def is_kept(status: int | None) -> bool:
-    """True for C-STORE statuses that mean the peer stored the instance: success and the 0xBxxx warnings."""
-    return status is not None and (status == 0x0000 or 0xB000 <= status <= 0xBFFF)
-
-
-# -- files -----------------------------------------------------------------------------------
-
-@dataclass(frozen=True, slots=True)
-class FileMeta:
-    """What sending a Part 10 file needs from its file meta group.
-
-    Attributes
-    ----------
-    path : Path
-        The file.
-    sop_class_uid, sop_instance_uid, transfer_syntax : str
-        (0002,0002), (0002,0003) and (0002,0010).
-    offset : int
-        Where the data set starts: the bytes from here to the end go on the wire as they are.
-    """
-
-    path: Path
-    sop_class_uid: str
-    sop_instance_uid: str
-    transfer_syntax: str
-    offset: int
-
-
-def read_file_meta(path: str | os.PathLike) -> FileMeta:
-    """Parse the preamble and file meta group (PS3.10 7.1, always Explicit VR Little Endian) of a DICOM file.
-
-    Raises
-    ------
-    ValueError
-        When the file is not a DICOM Part 10 file or its meta group lacks a UID the sender needs.
-    OSError
-        When the file cannot be read.
-    """
-    path = Path(path)
-    with open(path, "rb") as f:
-        head = f.read(16384)
-        if len(head) < 132 or head[128:132] != b"DICM":
-            raise ValueError(f"{path.name} is not a DICOM Part 10 file (no 'DICM' after the 128-byte preamble)")
-        values: dict[int, bytes] = {}
-        offset = 132
-        while True:
-            if len(head) - offset < 12:  # a long meta group (rare): read on
-                more = f.read(65536)
-                if more:
-                    head += more
-                    continue
-            if len(head) - offset < 8:
-                break
-            group, number = struct.unpack_from("<HH", head, offset)
-            if group != 2:
-                break
-            vr = head[offset + 4: offset + 6]
-            if not vr.isalpha() or not vr.isupper():
-                raise ValueError(f"{path.name} has a file meta group that is not Explicit VR Little Endian")
-            if vr in _LONG_VRS:
-                length = struct.unpack_from("<I", head, offset + 8)[0]
-                start = offset + 12
-            else:
-                length = struct.unpack_from("<H", head, offset + 6)[0]
-                start = offset + 8
-            while len(head) < start + length:
-                more = f.read(max(65536, start + length - len(head)))
-                if not more:
-                    raise ValueError(f"{path.name} ends inside its file meta group")
-                head += more
-            values[number] = head[start: start + length]
-            offset = start + length
-
-    def uid(number: int, keyword: str) -> str:
-        value = values.get(number, b"").rstrip(b"\x00 ").decode("ascii", "replace").strip()
-        if not value:
-            raise ValueError(f"{path.name} has no {keyword} (0002,{number:04X}) in its file meta group")
-        return value
-
-    return FileMeta(path, uid(0x0002, "MediaStorageSOPClassUID"), uid(0x0003, "MediaStorageSOPInstanceUID"),
-                    uid(0x0010, "TransferSyntaxUID"), offset)
-
+# -- planning --------------------------------------------------------------------------------
 
 def propose_contexts(metas: Sequence[FileMeta]) -> list[tuple[str, list[str]]]:
     """Presentation contexts for ``metas``: one per (SOP class, transfer syntax), plus per SOP class a
@@ -222,8 +136,7 @@ class StoreSCU:
         self.lost: str | None = None                      # why the association ended, once it has
         self._sock: socket.socket | None = None
         self._message_id = 0
-        self._header = bytearray(6)
-        self._buffer = bytearray(65536)
+        self._reader: PDUReader | None = None
         self._fragment = 0
         self._out = bytearray(0)
 
@@ -258,6 +171,7 @@ class StoreSCU:
             if self.ssl_context is not None:
                 sock = self._sock = self.ssl_context.wrap_socket(
                     sock, server_hostname=self.host if self.ssl_context.check_hostname else None)
+            self._reader = PDUReader(sock)
             contexts = [(pcid, abstract, syntaxes) for pcid, (abstract, syntaxes) in self.proposed.items()]
             sock.sendall(encode_associate_rq(self.called_ae, self.calling_ae, contexts, self.max_pdu))
             pdu_type, body = self._read_pdu(time.monotonic() + self.timeout, _MAX_CONTROL_PDU)
@@ -279,7 +193,7 @@ class StoreSCU:
             self._close()
             raise AssociationError(f"{self.peer} broke the association protocol: {exc}") from None
         except (TimeoutError, socket.timeout):
-            self._send(abort_pdu(ABORT_NOT_SPECIFIED, source=0))
+            self._send(abort_pdu(ABORT_NOT_SPECIFIED, source=SOURCE_USER))
             self._close()
             raise AssociationError(f"{self.peer} did not answer the association request within {self.timeout:g} s") from None
         except (OSError, ConnectionError) as exc:
@@ -337,14 +251,14 @@ class StoreSCU:
                 if pdu_type in (RELEASE_RP, ABORT):
                     break
         except (ProtocolError, OSError, ConnectionError):
-            self._send(abort_pdu(ABORT_NOT_SPECIFIED, source=0))
+            self._send(abort_pdu(ABORT_NOT_SPECIFIED, source=SOURCE_USER))
         self.lost = self.lost or "released"
         self._close()
 
     def abort(self) -> None:
         """A-ABORT (service user) and close. Never raises."""
         if self.is_established:
-            self._send(abort_pdu(ABORT_NOT_SPECIFIED, source=0))
+            self._send(abort_pdu(ABORT_NOT_SPECIFIED, source=SOURCE_USER))
             self.lost = "aborted by the node"
         self._close()
 
@@ -370,36 +284,12 @@ class StoreSCU:
             self._send(abort_pdu(abort_reason, source=2 if abort_reason else 0))
         self.lost = why
         self._close()
-        log.warning("fastscu_association_lost", peer=self.peer, reason=why)
+        log.warning("requestor_association_lost", peer=self.peer, reason=why)
         return why
 
-    # -- socket primitives ---------------------------------------------------
-
-    def _recv_exact(self, view: memoryview, deadline: float) -> None:
-        got, need = 0, len(view)
-        sock = self._sock
-        while got < need:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError("deadline passed")
-            sock.settimeout(remaining)
-            n = sock.recv_into(view[got:], need - got)
-            if n == 0:
-                raise ConnectionError("the peer closed the connection")
-            got += n
-
     def _read_pdu(self, deadline: float, limit: int) -> tuple[int, memoryview]:
-        self._recv_exact(memoryview(self._header), deadline)
-        pdu_type, length = PDU_HEADER.unpack(self._header)
-        if pdu_type not in PDU_TYPES:
-            raise ProtocolError(f"unrecognised PDU type 0x{pdu_type:02x}", ABORT_UNRECOGNIZED_PDU)
-        if length > limit:
-            raise ProtocolError(f"PDU of {length} bytes exceeds the {limit}-byte maximum", ABORT_INVALID_PARAMETER)
-        if length > len(self._buffer):
-            self._buffer = bytearray(length)
-        body = memoryview(self._buffer)[:length]
-        self._recv_exact(body, deadline)
-        return pdu_type, body
+        assert self._reader is not None
+        return self._reader.read(limit, deadline)
 
     # -- DIMSE ---------------------------------------------------------------
 
@@ -480,7 +370,7 @@ class StoreSCU:
                     PDV_HEADER.pack_into(out, 6, n + 2, pcid, 0x00 if remaining else 0x02)
                     sock.sendall(view[: 12 + n])
                     first = False
-            fields = self._await(message_id, C_STORE_RSP)
+            fields = self._await(message_id, Command.C_STORE_RSP)
         except ProtocolError as exc:
             return None, self._lose(f"{self.peer} broke the protocol: {exc}", exc.reason)
         except _PeerEnded as exc:
@@ -508,7 +398,7 @@ class StoreSCU:
         try:
             self._sock.settimeout(self.timeout)
             self._sock.sendall(encode_p_data(pcid, encode_echo_rq(message_id), self.peer_max_pdu))
-            fields = self._await(message_id, C_ECHO_RSP)
+            fields = self._await(message_id, Command.C_ECHO_RSP)
         except ProtocolError as exc:
             raise AssociationError(self._lose(f"{self.peer} broke the protocol: {exc}", exc.reason)) from None
         except _PeerEnded as exc:
@@ -535,17 +425,7 @@ class StoreSCU:
             if pdu_type != P_DATA_TF:
                 raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02x} while awaiting a response",
                                     ABORT_UNEXPECTED_PDU)
-            offset, end = 0, len(body)
-            if end < 6:
-                raise ProtocolError("P-DATA-TF without a PDV item", ABORT_INVALID_PARAMETER)
-            while offset < end:
-                if end - offset < 6:
-                    raise ProtocolError("truncated PDV item header", ABORT_INVALID_PARAMETER)
-                length, pcid, mch = PDV_HEADER.unpack_from(body, offset)
-                if length < 2 or offset + 4 + length > end:
-                    raise ProtocolError(f"PDV item length {length} does not fit its PDU", ABORT_INVALID_PARAMETER)
-                fragment = body[offset + 6: offset + 4 + length]
-                offset += 4 + length
+            for pcid, mch, fragment in pdvs(body):
                 if pcid not in self.accepted:
                     raise ProtocolError(f"PDV on presentation context {pcid}, which was not accepted",
                                         ABORT_UNEXPECTED_PARAMETER)
@@ -629,7 +509,7 @@ def send_files(host: str, port: int, called_ae: str, calling_ae: str, paths: Seq
                     scu.open()
                 except AssociationError as exc:
                     first_error = first_error or str(exc)
-                    log.warning("fastscu_association_failed", peer=scu.peer, files=len(pending), reason=str(exc))
+                    log.warning("requestor_association_failed", peer=scu.peer, files=len(pending), reason=str(exc))
                     errors.update({i: str(exc) for i in pending})
                     break
                 opened += 1
@@ -650,7 +530,7 @@ def send_files(host: str, port: int, called_ae: str, calling_ae: str, paths: Seq
                 finally:
                     outcome = scu.lost
                     scu.release()
-                log.info("fastscu_association", peer=scu.peer, stored=stored, failed=done - stored,
+                log.info("requestor_association", peer=scu.peer, stored=stored, failed=done - stored,
                          seconds=round(time.monotonic() - t0, 3), outcome=outcome or "released")
                 pending = pending[done:]
                 if pending and (stored == 0 or fresh_tries == 0):
@@ -658,7 +538,7 @@ def send_files(host: str, port: int, called_ae: str, calling_ae: str, paths: Seq
                     break
                 fresh_tries -= 1
     except Exception as exc:  # the outbox must always get an answer per file
-        log.error("fastscu_send_crashed", peer=f"{called_ae}@{host}:{port}", error=f"{type(exc).__name__}: {exc}")
+        log.error("requestor_send_crashed", peer=f"{called_ae}@{host}:{port}", error=f"{type(exc).__name__}: {exc}")
         done_set = set(kept) | set(errors)
         errors.update({i: f"internal error while sending: {type(exc).__name__}" for i in metas if i not in done_set})
     if opened == 0 and first_error is not None:

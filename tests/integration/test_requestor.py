@@ -18,14 +18,15 @@ import pydicom
 import pytest
 
 from analyzers.phantoms import PhantomPatient, image_dataset, save
-
 from dicomnode.uids import CR_IMAGE, CT_IMAGE
-from dicomnode import dul
-from dicomnode.fastscp import FastStorageSCP, encode_associate_ac, negotiate, parse_associate_rq
-from dicomnode.fastscu import (
-    MAX_CONTEXTS, AssociationError, FileMeta, StoreSCU, echo, plan_associations, propose_contexts, read_file_meta,
-    send_files,
+from dicomnode.dimse import commands, pdu
+from dicomnode.dimse.acceptor import StorageSCP, negotiate
+from dicomnode.dimse.commands import Command
+from dicomnode.dimse.part10 import FileMeta, read_file_meta
+from dicomnode.dimse.requestor import (
+    MAX_CONTEXTS, AssociationError, StoreSCU, echo, plan_associations, propose_contexts, send_files,
 )
+from dicomnode.dimse.syntaxes import EXPLICIT_VR_LE, IMPLICIT_VR_LE
 from tests.peers import PEER_ENV, Orthanc, free_port, have_peers, wait_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(not have_peers(), reason="Orthanc/DCMTK not installed")]
@@ -40,7 +41,7 @@ def phantoms(folder: Path, n: int, size: int = 64, seed: int = 5, syntax: str | 
     for i in range(n):
         ds = image_dataset((rng.random((size, size)) * 4000).astype(np.uint16), patient=pat, modality="CT",
                            sop_class_uid=CT_IMAGE, instance_number=i + 1)
-        if syntax == dul.IMPLICIT_VR_LE:
+        if syntax == IMPLICIT_VR_LE:
             ds.file_meta.TransferSyntaxUID = syntax
         files.append(save(ds, folder))
     return files
@@ -149,7 +150,7 @@ def test_orthanc_accepts_the_nodes_results(tmp_path, orthanc):
 
 def test_rejected_and_unreachable_associations(tmp_path):
     files = phantoms(tmp_path / "src", 2)
-    scp = FastStorageSCP("NODE", "127.0.0.1", 0, store=lambda req: (0, ""), allow=lambda ae, host: False)
+    scp = StorageSCP("NODE", "127.0.0.1", 0, store=lambda req: (0, ""), allow=lambda ae, host: False)
     scp.start()
     try:
         kept, errors, assoc_error = send_files("127.0.0.1", scp.port, "NODE", "STRANGER", files, timeout=5)
@@ -187,8 +188,8 @@ def test_tls_to_the_nodes_own_acceptor(tmp_path):
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_ctx.load_cert_chain(cert, key)
     got = []
-    scp = FastStorageSCP("NODE", "127.0.0.1", 0, store=lambda req: (got.append(bytes(req.dataset)), (0, ""))[1],
-                         allow=lambda ae, host: True, ssl_context=server_ctx, network_timeout=5)
+    scp = StorageSCP("NODE", "127.0.0.1", 0, store=lambda req: (got.append(bytes(req.dataset)), (0, ""))[1],
+                     allow=lambda ae, host: True, ssl_context=server_ctx, network_timeout=5)
     scp.start()
     try:
         client_ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
@@ -206,10 +207,10 @@ def test_tls_to_the_nodes_own_acceptor(tmp_path):
 
 
 def test_request_command_sets_read_back_with_pydicom():
-    store = pydicom.dcmread(io.BytesIO(dul.encode_store_rq(9, CT_IMAGE, "1.2.3.45")), force=True)
+    store = pydicom.dcmread(io.BytesIO(commands.encode_store_rq(9, CT_IMAGE, "1.2.3.45")), force=True)
     assert (store.CommandField, store.MessageID, store.Priority, store.CommandDataSetType) == (1, 9, 0, 0)
     assert (store.AffectedSOPClassUID, store.AffectedSOPInstanceUID) == (CT_IMAGE, "1.2.3.45")
-    raw = dul.encode_echo_rq(3)
+    raw = commands.encode_echo_rq(3)
     echo_rq = pydicom.dcmread(io.BytesIO(raw), force=True)
     assert (echo_rq.CommandField, echo_rq.MessageID, echo_rq.CommandDataSetType) == (0x30, 3, 0x0101)
     assert echo_rq.CommandGroupLength == len(raw) - 12
@@ -272,22 +273,22 @@ class ScriptedPeer:
         with conn:
             try:
                 _, body = self._read(conn)
-                rq = parse_associate_rq(body)
+                rq = pdu.parse_associate_rq(body)
                 neg = negotiate(rq, lambda uid: True)
                 if self.fallback_only:
                     for pcid, _, transfers in rq.contexts:
                         if len(transfers) == 1:
                             neg.contexts.pop(pcid, None)
-                            neg.refused[pcid] = dul.CONTEXT_TRANSFER_SYNTAXES_NOT_SUPPORTED
-                conn.sendall(encode_associate_ac(rq, neg, 1 << 20))
+                            neg.refused[pcid] = pdu.CONTEXT_TRANSFER_SYNTAXES_NOT_SUPPORTED
+                conn.sendall(pdu.encode_associate_ac(rq.called_ae, rq.calling_ae, neg.results(rq), 1 << 20))
                 answered = 0
                 command = b""
                 while True:
                     pdu_type, body = self._read(conn)
-                    if pdu_type == dul.RELEASE_RQ:
-                        conn.sendall(dul.RELEASE_RP_PDU)
+                    if pdu_type == pdu.RELEASE_RQ:
+                        conn.sendall(pdu.RELEASE_RP_PDU)
                         return
-                    if pdu_type != dul.P_DATA_TF:
+                    if pdu_type != pdu.P_DATA_TF:
                         return
                     length, pcid, mch = struct.unpack_from(">IBB", body, 0)
                     if mch & 1:
@@ -295,23 +296,23 @@ class ScriptedPeer:
                         continue
                     if not mch & 2:
                         continue
-                    fields = dul.parse_command(command)
-                    message_id = dul.uint(fields.get(0x0110), 2, 0)
-                    uid = dul.text(fields.get(0x1000))
+                    fields = commands.parse_command(command)
+                    message_id = commands.uint(fields.get(0x0110), 2, 0)
+                    uid = commands.text(fields.get(0x1000))
                     behaviour = "store" if number > 1 or answered < self.first_stores else self.behaviour
                     answered += 1
                     if behaviour == "store":
                         self.stored.append(uid)
-                        rsp = dul.encode_command(dul.C_STORE_RSP, message_id, 0, CT_IMAGE, uid)
-                        conn.sendall(dul.encode_p_data(pcid, rsp, 0))
+                        rsp = commands.encode_response(Command.C_STORE_RSP, message_id, 0, CT_IMAGE, uid)
+                        conn.sendall(pdu.encode_p_data(pcid, rsp, 0))
                     elif behaviour == "abort":
-                        conn.sendall(dul.abort_pdu(0, 2))
+                        conn.sendall(pdu.abort_pdu(0, 2))
                         return
                     elif behaviour == "release":
-                        conn.sendall(dul.RELEASE_RQ_PDU)
+                        conn.sendall(pdu.RELEASE_RQ_PDU)
                     elif behaviour == "wrong_id":
-                        rsp = dul.encode_command(dul.C_STORE_RSP, message_id + 7, 0, CT_IMAGE, uid)
-                        conn.sendall(dul.encode_p_data(pcid, rsp, 0))
+                        rsp = commands.encode_response(Command.C_STORE_RSP, message_id + 7, 0, CT_IMAGE, uid)
+                        conn.sendall(pdu.encode_p_data(pcid, rsp, 0))
             except (ConnectionError, OSError):
                 return
 
@@ -366,7 +367,7 @@ def test_peer_ending_or_confusing_the_association(tmp_path, scripted, behaviour,
 def test_store_scu_reports_lost_association_to_every_later_file(tmp_path, scripted):
     peer = scripted("abort")
     files = phantoms(tmp_path / "src", 2)
-    with StoreSCU("127.0.0.1", peer.port, "PEER", "DICOMNODE", contexts=[(CT_IMAGE, [dul.EXPLICIT_VR_LE])],
+    with StoreSCU("127.0.0.1", peer.port, "PEER", "DICOMNODE", contexts=[(CT_IMAGE, [EXPLICIT_VR_LE])],
                   timeout=5) as scu:
         status, comment = scu.store_file(files[0])
         assert status is None and "aborted the association" in comment
@@ -379,7 +380,7 @@ def test_store_scu_reports_lost_association_to_every_later_file(tmp_path, script
 def test_only_the_fallback_accepted_sends_matching_files_and_names_the_others(tmp_path, scripted):
     peer = scripted("store", fallback_only=True)
     explicit = phantoms(tmp_path / "explicit", 1, seed=1)
-    implicit = phantoms(tmp_path / "implicit", 1, seed=2, syntax=dul.IMPLICIT_VR_LE)
+    implicit = phantoms(tmp_path / "implicit", 1, seed=2, syntax=IMPLICIT_VR_LE)
     kept, errors, assoc_error = send_files("127.0.0.1", peer.port, "PEER", "DICOMNODE", explicit + implicit, timeout=5)
     assert (kept, assoc_error) == ([0], None)
     assert "only in 1.2.840.10008.1.2.1" in errors[1] and "does not transcode" in errors[1]
@@ -389,8 +390,8 @@ def test_refused_sop_class_is_an_error_for_its_files(tmp_path):
     files = phantoms(tmp_path / "src", 1)
     cr = save(image_dataset(np.zeros((8, 8), np.uint16), patient=PhantomPatient.make(np.random.default_rng(0), "cr", 0),
                             modality="CR", sop_class_uid=CR_IMAGE), tmp_path / "cr")
-    scp = FastStorageSCP("NODE", "127.0.0.1", 0, store=lambda req: (0, ""), allow=lambda ae, host: True,
-                         accept_sop_class=lambda uid: uid == CT_IMAGE)
+    scp = StorageSCP("NODE", "127.0.0.1", 0, store=lambda req: (0, ""), allow=lambda ae, host: True,
+                     accept_sop_class=lambda uid: uid == CT_IMAGE)
     scp.start()
     try:
         kept, errors, assoc_error = send_files("127.0.0.1", scp.port, "NODE", "DICOMNODE", [cr, files[0]], timeout=5)
@@ -404,7 +405,7 @@ def test_refused_sop_class_is_an_error_for_its_files(tmp_path):
 
 def test_contexts_split_into_associations_of_at_most_128():
     metas = {i: FileMeta(Path(f"{i}.dcm"), f"1.2.3.{i // 2}", f"1.2.3.4.{i}",
-                         dul.EXPLICIT_VR_LE if i % 2 else "1.2.840.10008.1.2.4.90", 0) for i in range(200)}
+                         EXPLICIT_VR_LE if i % 2 else "1.2.840.10008.1.2.4.90", 0) for i in range(200)}
     plans = plan_associations(metas)
     assert all(len(contexts) <= MAX_CONTEXTS for contexts, _ in plans)
     assert sorted(i for _, indices in plans for i in indices) == list(range(200))
@@ -412,8 +413,8 @@ def test_contexts_split_into_associations_of_at_most_128():
     for contexts, indices in plans:
         classes = {abstract for abstract, _ in contexts}
         assert {metas[i].sop_class_uid for i in indices} == classes
-    assert propose_contexts([metas[1]]) == [("1.2.3.0", [dul.EXPLICIT_VR_LE]),
-                                            ("1.2.3.0", [dul.EXPLICIT_VR_LE, dul.IMPLICIT_VR_LE])]
+    assert propose_contexts([metas[1]]) == [("1.2.3.0", [EXPLICIT_VR_LE]),
+                                            ("1.2.3.0", [EXPLICIT_VR_LE, IMPLICIT_VR_LE])]
 
 
 def test_more_classes_than_one_association_holds_go_on_several(tmp_path, scripted):
