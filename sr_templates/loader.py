@@ -1,7 +1,7 @@
 """Loading and checking the per-analyzer SR templates (``sr_templates/<analyzer>.yaml``).
 
 A template says which coded concept, value set and unit stand for each key an
-analyzer's :class:`~analyzers.base.Outputs` declares; the encoders read codes
+analyzer's :class:`~dicomnode.analysis.Outputs` declares; the encoders read codes
 only from here. The file schema is described in ``sr_templates/README.md``.
 """
 

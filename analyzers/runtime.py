@@ -1,2 +1,0 @@
-from dicomnode.runtime import *  # noqa
-from dicomnode.runtime import providers_for  # noqa
