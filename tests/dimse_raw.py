@@ -101,3 +101,24 @@ def wait_closed(s: socket.socket, limit: float) -> float:
 def rss_bytes() -> int:
     """This process's resident set size."""
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+_ABORT_SOURCES = {0: "service user", 2: "service provider"}
+_ABORT_REASONS = {0: "not specified", 1: "unrecognized PDU", 2: "unexpected PDU", 4: "unrecognized parameter",
+                  5: "unexpected parameter", 6: "invalid parameter value"}
+_PDU_NAMES = {pdu.ASSOCIATE_AC: "A-ASSOCIATE-AC", pdu.ASSOCIATE_RJ: "A-ASSOCIATE-RJ", pdu.P_DATA_TF: "P-DATA-TF",
+              pdu.RELEASE_RP: "A-RELEASE-RP", pdu.RELEASE_RQ: "A-RELEASE-RQ"}
+
+
+def describe(answer: tuple[int, bytes] | None) -> str:
+    """The node's answer in words, for benchmarks/RELIABILITY.md (recorded with pytest's record_property)."""
+    if answer is None:
+        return "connection closed"
+    pdu_type, body = answer
+    if pdu_type == pdu.ABORT and len(body) >= 4:
+        source = _ABORT_SOURCES.get(body[2], str(body[2]))
+        reason = _ABORT_REASONS.get(body[3], str(body[3])) if body[2] == 2 else "not significant"
+        return f"A-ABORT ({source}, {reason})"
+    if pdu_type == pdu.ASSOCIATE_RJ and len(body) >= 4:
+        return f"A-ASSOCIATE-RJ (result {body[1]}, source {body[2]}, reason {body[3]})"
+    return _PDU_NAMES.get(pdu_type, f"PDU type 0x{pdu_type:02x}")

@@ -7,6 +7,7 @@ One file per idea from the standard:
 - :mod:`.commands` — DIMSE command sets (always Implicit VR Little Endian, PS3.7 6.3.1);
 - :mod:`.status` — DIMSE status codes;
 - :mod:`.part10` — the Part 10 file meta group, written and read;
-- :mod:`.acceptor` — the C-STORE / C-ECHO service class provider the receiver runs;
+- :mod:`.transport` — the gate: connections before and after an association, on one thread, with ARTIM;
+- :mod:`.acceptor` — the C-STORE / C-ECHO service class provider the receiver runs, a thread per association;
 - :mod:`.requestor` — the C-STORE / C-ECHO user the sender and ``dicomnode echo`` run.
 """

@@ -243,6 +243,14 @@ class Gate:
         self._release(conn)
         _close(conn.sock)
 
+    def _drop_after_abort(self, conn: _Connection) -> None:
+        """Close after the peer's A-ABORT, reading the rest of it first: unread bytes would make the close a reset."""
+        try:
+            conn.sock.recv(min(conn.length, 64))
+        except (OSError, ValueError):
+            pass
+        self._drop(conn)
+
     def _release(self, conn: _Connection) -> None:
         self._connections.pop(conn.sock.fileno(), None)
         try:
@@ -311,7 +319,7 @@ class Gate:
                 return True
             pdu_type = conn.header[0]
             if pdu_type == ABORT:  # AA-2
-                self._drop(conn)
+                self._drop_after_abort(conn)
                 return True
             if pdu_type != ASSOCIATE_RQ or conn.length > self.max_request:  # AA-1
                 self._count("not an association request" if pdu_type != ASSOCIATE_RQ else "association request too long")
@@ -362,7 +370,7 @@ class Gate:
             return True
         pdu_type = conn.header[0]
         if pdu_type == ABORT:  # AA-2
-            self._drop(conn)
+            self._drop_after_abort(conn)
             return True
         if pdu_type == ASSOCIATE_RQ:  # AA-7
             _send_quietly(conn.sock, abort_pdu(ABORT_UNEXPECTED_PDU, SOURCE_PROVIDER))

@@ -22,7 +22,7 @@ from dicomnode.dimse import pdu
 from dicomnode.dimse.acceptor import StorageSCP, StoreRequest
 from dicomnode.dimse.commands import encode_store_rq
 from tests.dimse_raw import (
-    ECHO_CONTEXT, abort_of, associate, connect, echo_rq, p_data, read_pdu, request, response_status, wait_closed,
+    ECHO_CONTEXT, abort_of, associate, connect, describe, echo_rq, p_data, read_pdu, request, response_status,
 )
 from tests.peers import echoscu
 
@@ -59,11 +59,13 @@ def ct_dataset() -> tuple[str, bytes]:
     [(2, CT_IMAGE, [EXPLICIT])],                       # even
     [ECHO_CONTEXT, (1, CT_IMAGE, [EXPLICIT])],         # the same ID twice
 ], ids=["even", "duplicate"])
-def test_even_or_duplicate_presentation_context_ids_are_refused(scp, contexts):
+def test_even_or_duplicate_presentation_context_ids_are_refused(scp, contexts, record_property):
     server, _ = scp
     s = connect(server.port)
     s.sendall(request(contexts))
-    assert abort_of(read_pdu(s)) == (0, 0)
+    answer = read_pdu(s)
+    record_property("answer", describe(answer))
+    assert abort_of(answer) == (0, 0)
     s.close()
 
 
@@ -75,19 +77,23 @@ def test_even_or_duplicate_presentation_context_ids_are_refused(scp, contexts):
     bytes((pdu.ASSOCIATE_RJ, 0, 0, 0, 0, 4, 0, 1, 1, 1)),
     bytes((0x09, 0, 0, 0, 0, 0)),
 ], ids=["p-data", "release-rq", "release-rp", "associate-ac", "associate-rj", "unknown-type"])
-def test_anything_but_an_association_request_first_gets_aa1(scp, first):
+def test_anything_but_an_association_request_first_gets_aa1(scp, first, record_property):
     server, _ = scp
     s = connect(server.port)
     s.sendall(first)
-    assert abort_of(read_pdu(s)) == (0, 0)
+    answer = read_pdu(s)
+    record_property("answer", describe(answer))
+    assert abort_of(answer) == (0, 0)
     s.close()
 
 
-def test_an_abort_before_the_association_just_closes(scp):
+def test_an_abort_before_the_association_just_closes(scp, record_property):
     server, _ = scp
     s = connect(server.port)
     s.sendall(pdu.abort_pdu(0, 0))
-    assert wait_closed(s, 1) < 1  # AA-2: nothing sent back
+    answer = read_pdu(s)
+    record_property("answer", describe(answer))
+    assert answer is None  # AA-2: nothing sent back
 
 
 # -- on an established association (Sta6) ----------------------------------------------------
@@ -104,34 +110,40 @@ def test_an_abort_before_the_association_just_closes(scp):
     (p_data((1, 0x03, b"\x08\x00\x00\x00\x02\x00")), pdu.ABORT_INVALID_PARAMETER),             # not a command set
 ], ids=["associate-rq", "associate-ac", "associate-rj", "release-rp", "unknown-type", "short-pdv", "overrun-pdv",
         "data-without-command", "garbage-command"])
-def test_unexpected_or_invalid_pdus_get_aa8_with_their_reason(scp, unexpected, reason):
+def test_unexpected_or_invalid_pdus_get_aa8_with_their_reason(scp, unexpected, reason, record_property):
     server, _ = scp
     s = associate(server.port)
     s.sendall(unexpected)
-    assert abort_of(read_pdu(s)) == (2, reason)
+    answer = read_pdu(s)
+    record_property("answer", describe(answer))
+    assert abort_of(answer) == (2, reason)
     s.close()
 
 
-def test_several_pdvs_in_one_pdu(scp):
+def test_several_pdvs_in_one_pdu(scp, record_property):
     server, got = scp
     uid, data = ct_dataset()
     s = associate(server.port, contexts=[ECHO_CONTEXT, CT_CONTEXT])
     # two whole C-ECHO requests in one PDU, answered in order
     s.sendall(p_data((1, 0x03, echo_rq(1)), (1, 0x03, echo_rq(2))))
-    assert response_status(s) == (0x8030, 0) and response_status(s) == (0x8030, 0)
+    echoes = [response_status(s), response_status(s)]
+    assert echoes == [(0x8030, 0), (0x8030, 0)]
     # a C-STORE's command and its data set, in five PDVs of one PDU
     half = len(data) // 2
     command = encode_store_rq(3, CT_IMAGE, uid)
     s.sendall(p_data((3, 0x01, command[:20]), (3, 0x03, command[20:]), (3, 0x00, data[:half]),
                      (3, 0x00, data[half:-10]), (3, 0x02, data[-10:])))
-    assert response_status(s) == (0x8001, 0)
+    store = response_status(s)
+    record_property("answer", f"two C-ECHO-RSP with status {echoes[0][1]:#06x} and {echoes[1][1]:#06x}; "
+                              f"C-STORE-RSP status {store[1]:#06x}, data set byte for byte: {bytes(got[0].dataset) == data}")
+    assert store == (0x8001, 0)
     assert bytes(got[0].dataset) == data and got[0].affected_sop_instance_uid == uid
     s.sendall(pdu.RELEASE_RQ_PDU)
     assert read_pdu(s)[0] == pdu.RELEASE_RP
     s.close()
 
 
-def test_a_command_split_over_pdus_and_a_data_set_in_pdus_of_the_maximum_length(scp):
+def test_a_command_split_over_pdus_and_a_data_set_in_pdus_of_the_maximum_length(scp, record_property):
     server, got = scp
     uid, data = ct_dataset()
     s = associate(server.port, contexts=[ECHO_CONTEXT, CT_CONTEXT])
@@ -142,19 +154,25 @@ def test_a_command_split_over_pdus_and_a_data_set_in_pdus_of_the_maximum_length(
     fragment = 16384 - 6  # the PDU's length is then exactly our maximum
     for i in range(0, len(data), fragment):
         s.sendall(p_data((3, 0x02 if i + fragment >= len(data) else 0x00, data[i:i + fragment])))
-    assert response_status(s) == (0x8001, 0)
+    store = response_status(s)
+    assert store == (0x8001, 0)
     assert bytes(got[0].dataset) == data
     back = pydicom.dcmread(io.BytesIO(got[0].file_meta() + got[0].dataset))
     assert back.SOPInstanceUID == uid
     s.sendall(p_data((3, 0x01, command[:10]), (1, 0x03, echo_rq(9))))  # a command interleaved with another
-    assert abort_of(read_pdu(s)) == (2, pdu.ABORT_UNEXPECTED_PARAMETER)
+    answer = read_pdu(s)
+    record_property("answer", f"C-STORE-RSP status {store[1]:#06x}; then a command interleaved with another: "
+                              f"{describe(answer)}")
+    assert abort_of(answer) == (2, pdu.ABORT_UNEXPECTED_PARAMETER)
     s.close()
 
 
-def test_max_pdu_overflow(scp):
+def test_max_pdu_overflow(scp, record_property):
     server, _ = scp
     s = associate(server.port)
     piece = bytes(16384 - 6 + 1)  # one byte more than the maximum we announced
     s.sendall(struct.pack(">BxI", pdu.P_DATA_TF, len(piece) + 6) + struct.pack(">IBB", len(piece) + 2, 1, 0x01) + piece)
-    assert abort_of(read_pdu(s)) == (2, pdu.ABORT_INVALID_PARAMETER)
+    answer = read_pdu(s)
+    record_property("answer", describe(answer))
+    assert abort_of(answer) == (2, pdu.ABORT_INVALID_PARAMETER)
     s.close()

@@ -214,17 +214,20 @@ TARGETS = ("A-ASSOCIATE-RQ", "A-ASSOCIATE-AC", "P-DATA-TF PDVs", "command set", 
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_parser_fuzz(seeds, tmp_path, target):
+def test_parser_fuzz(seeds, tmp_path, target, record_property):
     strategy, check = parser_targets(seeds, tmp_path)[target]
-    assert run_cases(strategy, check, DEFAULT_CASES) == DEFAULT_CASES
+    ran = run_cases(strategy, check, DEFAULT_CASES)
+    record_property("answer", f"{ran} cases, each returned or raised its one documented error")
+    assert ran == DEFAULT_CASES
 
 
 @pytest.mark.fuzz
 @pytest.mark.parametrize("target", TARGETS)
-def test_parser_fuzz_long(seeds, tmp_path, target, capsys):
+def test_parser_fuzz_long(seeds, tmp_path, target, capsys, record_property):
     strategy, check = parser_targets(seeds, tmp_path)[target]
     t0 = time.monotonic()
     ran = run_cases(strategy, check, FUZZ_CASES)
+    record_property("answer", f"{ran} cases, each returned or raised its one documented error")
     with capsys.disabled():
         print(f"\nfuzz {target}: {ran} cases in {time.monotonic() - t0:.0f} s, nothing found")
 
@@ -350,16 +353,23 @@ def fuzz_live(seeds: Seeds, folder: Path, cases: int) -> tuple[int, LiveNode, fl
     return ran, node, grown
 
 
-def test_live_acceptor_fuzz(seeds, tmp_path):
+def live_summary(ran: int, node: LiveNode, grown: int) -> str:
+    return (f"{ran} streams: {', '.join(f'{n} {k}' for k, n in sorted(node.outcomes.items()))}; "
+            f"{len(node.echo_ms)} C-ECHOs answered (slowest {max(node.echo_ms):.0f} ms); RSS +{grown / 1e6:.1f} MB")
+
+
+def test_live_acceptor_fuzz(seeds, tmp_path, record_property):
     ran, node, grown = fuzz_live(seeds, tmp_path, DEFAULT_CASES)
+    record_property("answer", live_summary(ran, node, grown))
     assert ran == DEFAULT_CASES and len(node.echo_ms) >= DEFAULT_CASES // 25
     assert grown < 64 << 20
 
 
 @pytest.mark.fuzz
-def test_live_acceptor_fuzz_long(seeds, tmp_path, capsys):
+def test_live_acceptor_fuzz_long(seeds, tmp_path, capsys, record_property):
     t0 = time.monotonic()
     ran, node, grown = fuzz_live(seeds, tmp_path, FUZZ_CASES)
+    record_property("answer", live_summary(ran, node, grown))
     with capsys.disabled():
         print(f"\nfuzz live acceptor: {ran} streams in {time.monotonic() - t0:.0f} s, outcomes {node.outcomes}, "
               f"{len(node.echo_ms)} C-ECHOs all answered (slowest {max(node.echo_ms):.0f} ms), "

@@ -214,7 +214,7 @@ def _variants(realdata: Path, folder: Path) -> list[Path]:
     return out
 
 
-def test_every_readable_realdata_file_is_accepted_in_its_own_syntax(node, realdata, tmp_path):
+def test_every_readable_realdata_file_is_accepted_in_its_own_syntax(node, realdata, tmp_path, record_property):
     """Strictness must never refuse a valid object: each file goes as it is, by the node's own requestor."""
     rx, store = node
     files = [p for p in sorted(realdata.rglob("*")) if p.is_file() and p.suffix in (".dcm", "") and _whole_part10(p)]
@@ -226,6 +226,7 @@ def test_every_readable_realdata_file_is_accepted_in_its_own_syntax(node, realda
         assert {"1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"} <= syntaxes
     paths = list(by_uid.values())
     kept, errors, assoc_error = send_files("127.0.0.1", rx.port, "DICOMNODE", "STORESCU", paths, timeout=30)
+    record_property("answer", f"{len(kept)} of {len(paths)} files in {len(syntaxes)} transfer syntaxes stored")
     assert assoc_error is None and errors == {}, {paths[i].name: e for i, e in errors.items()}
     assert len(kept) == len(paths)
     for uid, f in by_uid.items():

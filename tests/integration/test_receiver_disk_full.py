@@ -59,7 +59,7 @@ def cr_files(folder: Path, n: int, size: int) -> list[Path]:
 
 
 @pytest.mark.parametrize("leave", [300_000, 0], ids=["space-for-the-first-part", "no-space-at-all"])
-def test_disk_full_on_the_streaming_path_answers_out_of_resources(small_disk, tmp_path, leave):
+def test_disk_full_on_the_streaming_path_answers_out_of_resources(small_disk, tmp_path, leave, record_property):
     cfg = Config.model_validate({
         "node": {"host": "127.0.0.1", "port": 0, "network_timeout": 10},
         "storage": {"data_dir": str(small_disk / "data")},
@@ -75,12 +75,17 @@ def test_disk_full_on_the_streaming_path_answers_out_of_resources(small_disk, tm
             assert scu.store_file(big[0]) == (0, "")
             filler = fill(small_disk, leave)
             status, comment = scu.store_file(big[1])
-            assert status == 0xA700 and "cannot write" in comment
-            assert scu.echo() == 0  # the same association goes on: no reset, no abort
-            assert list(store.tmp.iterdir()) == []  # nothing half-written stays
-            assert len(list(store.spool.rglob("*.dcm"))) == 1
+            echo_status = scu.echo()
+            leftovers = list(store.tmp.iterdir())
             filler.unlink()  # space returns: the same instance is stored
-            assert scu.store_file(big[1]) == (0, "")
+            again = scu.store_file(big[1])
+            record_property("answer", f"C-STORE status {status:#06x} ({comment}); C-ECHO on the same association "
+                                      f"{echo_status:#06x}; {len(leftovers)} temporary files left; once space "
+                                      f"returned the same instance: {again[0]:#06x}")
+            assert status == 0xA700 and "cannot write" in comment
+            assert echo_status == 0  # the same association goes on: no reset, no abort
+            assert leftovers == []  # nothing half-written stays
+            assert again == (0, "")
         assert store.studies()[0]["n_instances"] == 2
     finally:
         rx.stop()
