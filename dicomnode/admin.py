@@ -520,14 +520,16 @@ def dry_run_files(rules: RuleSet, studies: list[Any], cfg: Config | None, callin
 
 def dry_run_study(rules: RuleSet, store: Any, study_uid: str, cfg: Config | None) -> dict[str, Any]:
     """The same dry run for a study in the node's index (read from the database, nothing queued)."""
-    study = store.study(study_uid)
+    from .index import Index
+
+    index = Index(store)
+    study = index.study(study_uid)
     if study is None:
         raise AdminError(f"no study {study_uid} in the node's index; `dicomnode studies list` shows the stored studies", 1)
     dests = _caller_destinations(cfg, study["calling_ae"], study["calling_host"])
     series = []
-    for s in store.series_of(study_uid):
-        first = store.db.execute("SELECT path FROM instances WHERE series_uid=? LIMIT 1", (s["series_uid"],)).fetchone()
-        view = series_view(s, study["calling_ae"], first["path"] if first else None)
+    for s in index.series_of(study_uid):
+        view = series_view(s, study["calling_ae"], index.first_instance_path(s["series_uid"]))
         series.append(_verdict(rules, view, s["modality"], s["description"], dests).as_dict())
     return {"study_uid": study_uid, "calling_ae": study["calling_ae"], "series": series}
 
@@ -753,7 +755,9 @@ def node_state(store: Any) -> dict[str, Any]:
     from .outbox import Outbox
     from .queue import JobQueue
 
-    status = store.get_status()
+    from .heartbeat import Heartbeat
+
+    status = Heartbeat(store).get()
     node = (status.get("node") or {}).get("value") or {}
     receiver = status.get("receiver") or {}
     pid = node.get("pid")
@@ -812,10 +816,11 @@ def reprocess(cfg: Config, store: Any, study_uid: str, analyzer: str | None = No
     AdminError
         Unknown study or analyzer (2), no rule matching (3), no destination (2).
     """
+    from .index import Index
     from .queue import JobQueue
     from .registry import analyzer_names
 
-    study = store.study(study_uid)
+    study = Index(store).study(study_uid)
     if study is None:
         raise AdminError(f"no study {study_uid} in the node's index; `dicomnode studies list` shows the stored studies", 1)
     for d in destinations or []:
@@ -830,7 +835,7 @@ def reprocess(cfg: Config, store: Any, study_uid: str, analyzer: str | None = No
         if analyzer not in known:
             raise AdminError(f"unknown analyzer {analyzer!r}; installed and enabled: {', '.join(known) or 'none'}", 2)
         planned = [{"analyzer": analyzer, "rules": [], "destinations": default_dest,
-                    "series": [s["series_uid"] for s in store.series_of(study_uid)], "priority": 2}]
+                    "series": [s["series_uid"] for s in Index(store).series_of(study_uid)], "priority": 2}]
     else:
         dry = dry_run_study(rules, store, study_uid, cfg)
         planned = jobs_of(dry)
@@ -853,90 +858,6 @@ def reprocess(cfg: Config, store: Any, study_uid: str, analyzer: str | None = No
         p["job"] = queue.enqueue(study_uid, p["analyzer"], ",".join(p["rules"]) or "reprocess", p["destinations"],
                                  p["series"], p["priority"])
     return planned
-
-
-@dataclass
-class PurgeReport:
-    purged: list[str] = field(default_factory=list)
-    kept: dict[str, str] = field(default_factory=dict)
-    files: int = 0
-    bytes: int = 0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"purged": self.purged, "kept": self.kept, "files_removed": self.files, "bytes_removed": self.bytes}
-
-
-def _keep_reason(db: Any, study_uid: str) -> str | None:
-    jobs = db.execute("SELECT state, COUNT(*) n FROM jobs WHERE study_uid=? AND state IN ('queued','running') GROUP BY state",
-                      (study_uid,)).fetchall()
-    if jobs:
-        return ", ".join(f"{r['n']} {r['state']} job{'s' if r['n'] > 1 else ''}" for r in jobs)
-    out = db.execute("SELECT state, COUNT(*) n FROM outbox WHERE study_uid=? AND state IN ('pending','failed') GROUP BY state",
-                     (study_uid,)).fetchall()
-    if out:
-        return ", ".join(f"{r['n']} {r['state']} outbox row{'s' if r['n'] > 1 else ''}"
-                         + (" (results not delivered; `dicomnode outbox resend --failed`)" if r["state"] == "failed" else "")
-                         for r in out)
-    return None
-
-
-def purge(store: Any, older_than: float, dry_run: bool = False, now: float | None = None) -> PurgeReport:
-    """Remove spool files, index rows and sent result files of studies whose last arrival is older.
-
-    A study with queued or running jobs, or with results not yet delivered (pending or failed
-    outbox rows), is kept. The rows go in one transaction that re-checks those conditions, and only
-    the files those rows named are deleted, so an instance arriving meanwhile is never lost.
-    """
-    cutoff = (now or time.time()) - older_than
-    report = PurgeReport()
-    candidates = [r["study_uid"] for r in store.db.execute("SELECT study_uid FROM studies WHERE last_arrival < ?", (cutoff,))]
-    for uid in candidates:
-        files: list[Path] = []
-        result_dirs: list[Path] = []
-        with store.transaction() as db:
-            row = db.execute("SELECT last_arrival FROM studies WHERE study_uid=?", (uid,)).fetchone()
-            if row is None or row["last_arrival"] >= cutoff:
-                continue
-            reason = _keep_reason(db, uid)
-            if reason:
-                report.kept[uid] = reason
-                continue
-            files = [Path(r["path"]) for r in db.execute("SELECT path FROM instances WHERE study_uid=?", (uid,))]
-            files += [Path(r["path"]) for r in db.execute("SELECT path FROM outbox WHERE study_uid=?", (uid,))]
-            result_dirs = [store.results / str(r["id"]) for r in db.execute("SELECT id FROM jobs WHERE study_uid=?", (uid,))]
-            if not dry_run:
-                for table in ("instances", "series", "outbox", "jobs", "studies"):
-                    db.execute(f"DELETE FROM {table} WHERE study_uid=?", (uid,))
-        report.purged.append(uid)
-        for f in files:
-            try:
-                size = f.stat().st_size
-                if not dry_run:
-                    f.unlink()
-                report.files += 1
-                report.bytes += size
-            except FileNotFoundError:
-                pass
-        if not dry_run:
-            for d in result_dirs:  # every result of these jobs was delivered (or there was none)
-                shutil.rmtree(d, ignore_errors=True)
-            for d in [*{f.parent for f in files}, store.spool / uid]:
-                _prune(d, stop=store.data_dir)
-    return report
-
-
-def _prune(folder: Path, stop: Path) -> None:
-    """Remove ``folder`` and its parents while they are empty (never ``stop`` or above)."""
-    folder = folder.resolve()
-    stop = stop.resolve()
-    while folder != stop and stop in folder.parents:
-        try:
-            folder.rmdir()
-        except OSError:
-            return
-        folder = folder.parent
-        if folder.name in ("spool", "results") and folder.parent == stop:
-            return
 
 
 # ---------------------------------------------------------------------------

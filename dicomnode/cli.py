@@ -289,7 +289,9 @@ def _node_note(cfg) -> str:
 def cmd_studies(args: argparse.Namespace) -> int:
     cfg = _config(args)
     store = _store(cfg)
-    rows = store.studies(getattr(args, "limit", 200))
+    from .index import Index
+
+    rows = Index(store).studies(getattr(args, "limit", 200))
     for r in rows:
         r["arrived"] = _ago(r["last_arrival"])
     _emit(args, rows, [("study_uid", "STUDY"), ("mods", "MOD"), ("n_series", "SERIES"), ("n_instances", "INSTANCES"),
@@ -315,7 +317,8 @@ def cmd_studies_reprocess(args: argparse.Namespace) -> int:
 
 @_admin
 def cmd_studies_purge(args: argparse.Namespace) -> int:
-    from .admin import parse_duration, purge
+    from .admin import parse_duration
+    from .retention import purge
 
     cfg = _config(args)
     if not args.older_than and not cfg.storage.retention_days:
