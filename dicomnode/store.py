@@ -3,8 +3,8 @@
 The spool is ``<data>/spool/<StudyUID>/<SeriesUID>/<SOPUID>.dcm``. A new instance file is created
 in place exclusively and fsynced before it is indexed; a large instance is received into ``tmp/``
 while it arrives and renamed into the spool (:class:`IncomingFile`); replacing an existing file
-goes through a temporary file and a rename. The receiver answers success only after that and
-the index row are durable.
+goes through a temporary file and a rename. The receiver answers success only once the file is
+fsynced and its index row committed.
 
 The database is SQLite in WAL mode with ``synchronous=NORMAL``: a killed process loses no
 committed transaction; after a power loss the last commits can be missing, which
