@@ -168,13 +168,18 @@ class Index:
     # -- queries -------------------------------------------------------------
 
     def studies(self, limit: int = 1000) -> list[dict[str, Any]]:
-        rows = self.store.db.execute(
-            """SELECT s.*, (SELECT COUNT(*) FROM series WHERE study_uid=s.study_uid) AS n_series,
-                      (SELECT GROUP_CONCAT(DISTINCT modality) FROM series WHERE study_uid=s.study_uid) AS mods
-               FROM studies s ORDER BY last_arrival DESC LIMIT ?""",
-            (limit,),
-        ).fetchall()
-        return [dict(r) for r in rows]
+        """The latest studies first, each with its number of series and its modalities (``mods``, comma-separated)."""
+        db = self.store.db
+        rows = [dict(r) for r in db.execute(
+            """SELECT s.*, (SELECT COUNT(*) FROM series WHERE study_uid=s.study_uid) AS n_series
+               FROM studies s ORDER BY last_arrival DESC LIMIT ?""", (limit,))]
+        modalities: dict[str, set[str]] = {}
+        for r in db.execute("""SELECT DISTINCT study_uid, modality FROM series WHERE modality IS NOT NULL AND study_uid IN
+                                   (SELECT study_uid FROM studies ORDER BY last_arrival DESC LIMIT ?)""", (limit,)):
+            modalities.setdefault(r[0], set()).add(r[1])
+        for r in rows:
+            r["mods"] = ",".join(sorted(modalities.get(r["study_uid"], ()))) or None
+        return rows
 
     def study(self, study_uid: str) -> dict[str, Any] | None:
         row = self.store.db.execute("SELECT * FROM studies WHERE study_uid=?", (study_uid,)).fetchone()

@@ -79,13 +79,12 @@ class JobQueue:
                 dests = sorted(set(json.loads(row["destinations"])) | set(destinations))
                 db.execute("UPDATE jobs SET series_uids=?, destinations=? WHERE id=?", (json.dumps(series), json.dumps(dests), row["id"]))
                 return int(row["id"])
-            cur = db.execute(
+            job_id = int(db.execute(
                 "INSERT INTO jobs (study_uid, analyzer, rule, destinations, series_uids, priority, max_attempts, created_at)"
-                " VALUES (?,?,?,?,?,?,?,?)",
+                " VALUES (?,?,?,?,?,?,?,?) RETURNING id",
                 (study_uid, analyzer, rule, json.dumps(sorted(set(destinations))), json.dumps(sorted(set(series_uids))),
                  priority, self.max_attempts, now),
-            )
-            job_id = int(cur.lastrowid)
+            ).fetchone()[0])
         log.info("job_queued", job=job_id, study_uid=study_uid, analyzer=analyzer, rule=rule, series=len(series_uids))
         return job_id
 

@@ -13,7 +13,9 @@ not know. One connection per thread (SQLite connections are not shared), short t
 busy timeout. This module owns no table but ``schema_versions``: each table has one owning module
 (``index``: studies, series, instances; ``queue``: jobs; ``outbox``: outbox; ``heartbeat``:
 node_status) that keeps its DDL and migrations and runs its SQL through :attr:`Store.db` and
-:meth:`Store.transaction`, the one layer a server database would replace.
+:meth:`Store.transaction`, the one layer a server database would replace. The owners write SQL
+that SQLite and PostgreSQL both accept (``ON CONFLICT``, ``RETURNING``, no ``INSERT OR ...`` or
+``GROUP_CONCAT``) with ``?`` placeholders and ``{id}`` for an auto-numbered key in their DDL.
 """
 
 from __future__ import annotations
