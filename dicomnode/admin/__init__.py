@@ -1,7 +1,7 @@
 """Administration: what the ``dicomnode`` commands do, without argparse, one module per noun.
 
 The nouns: :mod:`.rules`, :mod:`.destinations`, :mod:`.callers`, :mod:`.jobs`, :mod:`.outbox`,
-:mod:`.studies`, :mod:`.models`, :mod:`.status`. The pieces they share: :mod:`.durations`,
+:mod:`.studies`, :mod:`.models`, :mod:`.status`, :mod:`.peers` (echo and send). The pieces they share: :mod:`.durations`,
 :mod:`.match` (the ``--match`` language), :mod:`.yamltext` (YAML that reads like the hand-written
 files, replaced atomically), :mod:`.rules_file` and :mod:`.config_file` (edits that keep comments
 and layout), :mod:`.dry_run` (the rules over files or stored studies, nothing queued).
