@@ -202,13 +202,14 @@ def run_sender(work: Path, files: list[Path], repeats: int) -> dict:
             cfg = Config.model_validate({"destinations": {"pacs": {"ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port}},
                                          "storage": {"data_dir": str(work / f"send-node-{r}")}})
             store = Store(cfg.data_dir, fsync=False)
-            now = time.time()
-            with store.transaction() as db:
-                for f in files:
-                    ds = dcmread(f, stop_before_pixels=True)
-                    db.execute("INSERT INTO outbox (study_uid, destination, sop_uid, sop_class_uid, path, created_at) VALUES (?,?,?,?,?,?)",
-                               (ds.StudyInstanceUID, "pacs", ds.SOPInstanceUID, ds.SOPClassUID, str(f), now))
             outbox = Outbox(store, backoff_initial=0.05, backoff_max=0.5)
+            rows = []
+            for f in files:
+                ds = dcmread(f, stop_before_pixels=True)
+                rows.append({"study_uid": ds.StudyInstanceUID, "destination": "pacs", "sop_uid": ds.SOPInstanceUID,
+                             "sop_class_uid": ds.SOPClassUID, "path": str(f)})
+            with store.transaction() as db:
+                Outbox.add(db, None, rows, time.time())
             sender = Sender(cfg, outbox)
             t0 = time.perf_counter()
             while outbox.depths().get("pending") and time.perf_counter() - t0 < 300:

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import structlog
 
 from .config import Config
+from .index import Index
 from .queue import JobQueue
 from .router import RuleSet, RulesError, evaluate, series_view
 from .store import Store
@@ -64,6 +65,7 @@ class Assembler:
                  analyzer_known: Callable[[str], bool] = lambda name: True) -> None:
         self.cfg = cfg
         self.store = store
+        self.index = Index(store)
         self.queue = queue
         self.rules = rules
         self.analyzer_known = analyzer_known
@@ -95,9 +97,7 @@ class Assembler:
 
     def _sweep(self, now: float) -> int:
         self.rules.reload()
-        db = self.store.db
-        dirty = db.execute(
-            "SELECT * FROM series WHERE routed_at IS NULL OR last_arrival > routed_at ORDER BY study_uid").fetchall()
+        dirty = self.index.unrouted_series()
         if not dirty:
             return 0
         by_study: dict[str, list[Any]] = defaultdict(list)
@@ -111,18 +111,17 @@ class Assembler:
         return queued
 
     def _consider(self, study_uid: str, dirty_rows: list[Any], now: float) -> int:
-        study = self.store.study(study_uid)
+        study = self.index.study(study_uid)
         if study is None:
             return 0
         caller = self.cfg.caller(study["calling_ae"] or "", study["calling_host"])
-        all_series = self.store.series_of(study_uid)
+        all_series = self.index.series_of(study_uid)
         dirty_uids = {r["series_uid"] for r in dirty_rows}
         matches: dict[str, tuple[Any, list[str]]] = {}
         for s in all_series:
             if s["series_uid"] not in dirty_uids:
                 continue
-            first = self.store.db.execute("SELECT path FROM instances WHERE series_uid=? LIMIT 1", (s["series_uid"],)).fetchone()
-            view = series_view(s, study["calling_ae"], first["path"] if first else None)
+            view = series_view(s, study["calling_ae"], self.index.first_instance_path(s["series_uid"]))
             for rule in self.rules.rules.match(view):
                 matches.setdefault(rule.name, (rule, []))[1].append(s["series_uid"])
 
@@ -131,7 +130,7 @@ class Assembler:
         default_wait = caller.stable_after if caller and caller.stable_after is not None else self.cfg.assembly.stable_after
         if not matches:
             if quiet >= default_wait:
-                self._mark_routed(study_uid, dirty_uids, now)
+                self.index.mark_routed(study_uid, dirty_uids, now)
                 log.info("study_complete", study_uid=study_uid, series=len(dirty_uids), jobs=0, reason="quiet",
                          note="no rule matched")
             return 0
@@ -164,7 +163,7 @@ class Assembler:
                     continue
                 self.queue.enqueue(study_uid, analyzer, rule.name, dests, series_uids, rule.priority)
                 jobs += 1
-        self._mark_routed(study_uid, dirty_uids, now)
+        self.index.mark_routed(study_uid, dirty_uids, now)
         log.info("study_complete", study_uid=study_uid, series=len(dirty_uids), jobs=jobs, reason=reason,
                  rules=sorted(matches), quiet_seconds=round(quiet, 1))
         return jobs
@@ -172,10 +171,3 @@ class Assembler:
     def _required_present(self, rule, all_series: list[dict[str, Any]], calling_ae: str | None) -> bool:
         views = [series_view(s, calling_ae, None) for s in all_series]
         return all(any(evaluate(cond, v).matched for v in views) for cond in rule.required_series)
-
-    def _mark_routed(self, study_uid: str, series_uids: set[str], now: float) -> None:
-        with self.store.transaction() as db:
-            db.executemany("UPDATE series SET routed_at=? WHERE series_uid=? AND last_arrival<=?",
-                           [(now, uid, now) for uid in series_uids])
-            db.execute("UPDATE studies SET state='complete', completed_at=? WHERE study_uid=? AND last_arrival<=?",
-                       (now, study_uid, now))

@@ -24,7 +24,7 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 
-from .store import ROUTING_KEYWORDS, to_jsonable
+from .index import ROUTING_KEYWORDS, to_jsonable
 
 TAG_PIXEL_DATA = 0x7FE00010
 # Pixel Data, Float Pixel Data and Double Float Pixel Data (PS3.5 8.1.1): an image has one of them.

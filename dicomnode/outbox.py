@@ -1,13 +1,38 @@
-"""Outbox: one row per result object and destination, until the destination has acknowledged it."""
+"""Outbox: the outbox table, one row per result object and destination, until the destination has acknowledged it.
+
+The queue adds a job's rows (:meth:`Outbox.add`) in the transaction that marks the job done; the
+sender takes the due rows and marks them sent or failed; the CLI lists and re-sends them.
+"""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from .store import Store
 
 OUTBOX_STATES = ("pending", "sent", "failed")
+
+OWNER = "outbox"
+
+# One entry per schema version; a database at version n runs entries n and later, in order.
+MIGRATIONS = (
+    """
+    CREATE TABLE IF NOT EXISTS outbox (
+        id {id},
+        job_id INTEGER, study_uid TEXT NOT NULL,
+        destination TEXT NOT NULL,
+        sop_uid TEXT NOT NULL, sop_class_uid TEXT NOT NULL, description TEXT,
+        path TEXT NOT NULL,
+        state TEXT NOT NULL DEFAULT 'pending',
+        attempts INTEGER NOT NULL DEFAULT 0, next_attempt REAL NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL, sent_at REAL, last_error TEXT,
+        UNIQUE (sop_uid, destination)
+    );
+    CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_attempt);
+    """,
+)
 
 
 class Outbox:
@@ -16,6 +41,16 @@ class Outbox:
         self.max_attempts = max_attempts
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
+        store.migrate(OWNER, MIGRATIONS)
+
+    @staticmethod
+    def add(db: Any, job_id: int | None, rows: list[dict[str, Any]], now: float) -> None:
+        """Rows to send, inside the caller's transaction; an object already queued for a destination is not added twice."""
+        db.executemany(
+            "INSERT INTO outbox (job_id, study_uid, destination, sop_uid, sop_class_uid, description, path, created_at)"
+            " VALUES (?,?,?,?,?,?,?,?) ON CONFLICT (sop_uid, destination) DO NOTHING",
+            [(job_id, r["study_uid"], r["destination"], r["sop_uid"], r["sop_class_uid"], r.get("description", ""), r["path"], now)
+             for r in rows])
 
     def due(self, limit: int = 500) -> list[dict[str, Any]]:
         rows = self.store.db.execute(
@@ -72,3 +107,19 @@ class Outbox:
         """The ids among ``ids`` that name no outbox row."""
         found = {r[0] for r in self.store.db.execute(f"SELECT id FROM outbox WHERE id IN ({','.join('?' * len(ids))})", ids)}
         return sorted(set(ids) - found)
+
+    # -- retention: inside the caller's transaction ------------------------------
+
+    @staticmethod
+    def open_work(db: Any, study_uid: str) -> dict[str, int]:
+        """Pending and failed (undelivered) rows of a study, by state."""
+        return {r[0]: r[1] for r in db.execute(
+            "SELECT state, COUNT(*) FROM outbox WHERE study_uid=? AND state IN ('pending','failed') GROUP BY state", (study_uid,))}
+
+    @staticmethod
+    def files_of(db: Any, study_uid: str) -> list[Path]:
+        return [Path(r[0]) for r in db.execute("SELECT path FROM outbox WHERE study_uid=?", (study_uid,))]
+
+    @staticmethod
+    def forget(db: Any, study_uid: str) -> None:
+        db.execute("DELETE FROM outbox WHERE study_uid=?", (study_uid,))

@@ -1,4 +1,4 @@
-"""Job queue: one row per (study, analyzer) to run, in SQLite, surviving restarts.
+"""Job queue: the jobs table, one row per (study, analyzer) to run, surviving restarts.
 
 States: ``queued`` → ``running`` → ``done`` | ``not_applicable`` | ``failed`` (parked after
 ``max_attempts``; ``dicomnode jobs retry`` re-queues it). A job found ``running`` at start-up was
@@ -16,11 +16,31 @@ from typing import Any
 
 import structlog
 
+from .outbox import Outbox
 from .store import Store
 
 log = structlog.get_logger("dicomnode.queue")
 
 JOB_STATES = ("queued", "running", "done", "not_applicable", "failed")
+
+OWNER = "queue"
+
+# One entry per schema version; a database at version n runs entries n and later, in order.
+MIGRATIONS = (
+    """
+    CREATE TABLE IF NOT EXISTS jobs (
+        id {id},
+        study_uid TEXT NOT NULL, analyzer TEXT NOT NULL, rule TEXT,
+        destinations TEXT NOT NULL, series_uids TEXT NOT NULL,
+        state TEXT NOT NULL DEFAULT 'queued', priority INTEGER NOT NULL DEFAULT 2,
+        attempts INTEGER NOT NULL DEFAULT 0, max_attempts INTEGER NOT NULL DEFAULT 3,
+        not_before REAL NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL, started_at REAL, finished_at REAL,
+        worker TEXT, error TEXT, summary TEXT, n_objects INTEGER
+    );
+    CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, priority, not_before);
+    """,
+)
 
 
 @dataclass
@@ -45,6 +65,7 @@ class JobQueue:
         self.store = store
         self.max_attempts = max_attempts
         self.retry_delay = retry_delay
+        store.migrate(OWNER, MIGRATIONS)
 
     def enqueue(self, study_uid: str, analyzer: str, rule: str | None, destinations: list[str],
                 series_uids: list[str], priority: int = 2) -> int:
@@ -58,13 +79,12 @@ class JobQueue:
                 dests = sorted(set(json.loads(row["destinations"])) | set(destinations))
                 db.execute("UPDATE jobs SET series_uids=?, destinations=? WHERE id=?", (json.dumps(series), json.dumps(dests), row["id"]))
                 return int(row["id"])
-            cur = db.execute(
+            job_id = int(db.execute(
                 "INSERT INTO jobs (study_uid, analyzer, rule, destinations, series_uids, priority, max_attempts, created_at)"
-                " VALUES (?,?,?,?,?,?,?,?)",
+                " VALUES (?,?,?,?,?,?,?,?) RETURNING id",
                 (study_uid, analyzer, rule, json.dumps(sorted(set(destinations))), json.dumps(sorted(set(series_uids))),
                  priority, self.max_attempts, now),
-            )
-            job_id = int(cur.lastrowid)
+            ).fetchone()[0])
         log.info("job_queued", job=job_id, study_uid=study_uid, analyzer=analyzer, rule=rule, series=len(series_uids))
         return job_id
 
@@ -111,13 +131,9 @@ class JobQueue:
     def finish(self, job_id: int, outbox_rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
         """Mark done and hand the result objects to the outbox in one transaction."""
         now = time.time()
+        outbox = Outbox(self.store)
         with self.store.transaction() as db:
-            for r in outbox_rows:
-                db.execute(
-                    "INSERT OR IGNORE INTO outbox (job_id, study_uid, destination, sop_uid, sop_class_uid, description, path, created_at)"
-                    " VALUES (?,?,?,?,?,?,?,?)",
-                    (job_id, r["study_uid"], r["destination"], r["sop_uid"], r["sop_class_uid"], r.get("description", ""), r["path"], now),
-                )
+            outbox.add(db, job_id, outbox_rows, now)
             db.execute("UPDATE jobs SET state='done', finished_at=?, summary=?, n_objects=? WHERE id=?",
                        (now, json.dumps(summary), len({r['sop_uid'] for r in outbox_rows}) if outbox_rows else summary.get("objects", 0), job_id))
 
@@ -145,6 +161,15 @@ class JobQueue:
             outcome = self.fail(r["id"], "interrupted: the node stopped while this job ran")
             log.warning("job_recovered", job=r["id"], outcome=outcome)
         return len(rows)
+
+    def running_on(self, pid: int) -> list[int]:
+        """Jobs marked running by the worker process ``pid``."""
+        return [r[0] for r in self.store.db.execute("SELECT id FROM jobs WHERE state='running' AND worker LIKE ?", (f"%:{pid}",))]
+
+    def running_since(self, before: float) -> list[tuple[int, int]]:
+        """(job id, worker pid) of the jobs that started running before ``before``."""
+        rows = self.store.db.execute("SELECT id, worker FROM jobs WHERE state='running' AND started_at < ?", (before,))
+        return [(r["id"], int(str(r["worker"]).rsplit(":", 1)[-1])) for r in rows]
 
     def retry(self, job_id: int) -> bool:
         cur = self.store.db.execute(
@@ -176,3 +201,19 @@ class JobQueue:
         """One job's row, or None when there is no such job."""
         row = self.store.db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
         return dict(row) if row else None
+
+    # -- retention: inside the caller's transaction ------------------------------
+
+    @staticmethod
+    def open_work(db: Any, study_uid: str) -> dict[str, int]:
+        """Queued and running jobs of a study, by state."""
+        return {r[0]: r[1] for r in db.execute(
+            "SELECT state, COUNT(*) FROM jobs WHERE study_uid=? AND state IN ('queued','running') GROUP BY state", (study_uid,))}
+
+    @staticmethod
+    def ids_of(db: Any, study_uid: str) -> list[int]:
+        return [r[0] for r in db.execute("SELECT id FROM jobs WHERE study_uid=?", (study_uid,))]
+
+    @staticmethod
+    def forget(db: Any, study_uid: str) -> None:
+        db.execute("DELETE FROM jobs WHERE study_uid=?", (study_uid,))

@@ -347,7 +347,7 @@ def series_view(series_row: dict[str, Any], calling_ae: str | None, first_instan
         ds = cache["ds"]
         if ds is None or keyword not in ds:
             return None
-        from .store import to_jsonable
+        from .index import to_jsonable
 
         return to_jsonable(ds.get(keyword))
 
@@ -355,7 +355,7 @@ def series_view(series_row: dict[str, Any], calling_ae: str | None, first_instan
 
 
 def view_of_dataset(ds: Any, calling_ae: str | None = None) -> SeriesView:
-    from .store import ROUTING_KEYWORDS, to_jsonable
+    from .index import ROUTING_KEYWORDS, to_jsonable
 
     attrs = {kw: to_jsonable(ds.get(kw)) for kw in ROUTING_KEYWORDS if kw in ds}
     return SeriesView(str(ds.get("SeriesInstanceUID", "")), attrs, calling_ae, lambda kw: to_jsonable(ds.get(kw)) if kw in ds else None)

@@ -11,6 +11,8 @@ import structlog
 
 from .assembler import Assembler, RulesHolder
 from .config import Config
+from .heartbeat import Heartbeat
+from .index import Index
 from .outbox import Outbox
 from .queue import JobQueue
 from .receiver import Receiver, reindex_file
@@ -28,6 +30,8 @@ class Node:
             raise ValueError("the node needs a configuration file path (the worker process reads it)")
         self.cfg = cfg
         self.store = Store(cfg.data_dir, fsync=cfg.node.fsync)
+        self.index = Index(self.store)
+        self.heartbeat = Heartbeat(self.store)
         self.queue = JobQueue(self.store, cfg.analyzers.max_attempts, cfg.analyzers.retry_delay)
         self.outbox = Outbox(self.store, cfg.sender.max_attempts, cfg.sender.backoff_initial, cfg.sender.backoff_max)
         self.rules = RulesHolder(cfg.rules_path)
@@ -62,7 +66,7 @@ class Node:
         for name, problem in check_templates(self.cfg).items():
             log.error("analyzer_unavailable", analyzer=name, error=problem,
                       note="the node runs without it; its jobs fail with this error until it is fixed")
-        recovered = self.store.reconcile(reindex_file)
+        recovered = self.index.reconcile(reindex_file)
         requeued = self.queue.recover()
         log.info("node_starting", ae_title=self.cfg.node.ae_title, port=self.cfg.node.port, data_dir=str(self.cfg.data_dir),
                  rules=len(self.rules.rules.rules), reindexed=recovered, jobs_requeued=requeued, pid=os.getpid())
@@ -73,7 +77,7 @@ class Node:
         self.assembler.on_jobs = self._wake_workers
         self.assembler.start()
         self.sender.start()
-        self.store.set_status("node", {"pid": os.getpid(), "started_at": time.time(), "port": self.receiver.port,
+        self.heartbeat.set("node", {"pid": os.getpid(), "started_at": time.time(), "port": self.receiver.port,
                                        "ae_title": self.cfg.node.ae_title, "state": "running"})
         self._watch = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
         self._watch.start()
@@ -103,7 +107,7 @@ class Node:
         """Restart a worker that died (an analyzer crash must not take the node down); time out long jobs."""
         while not self._stop.wait(1.0):
             try:
-                self.store.set_status("receiver", {"associations": self.receiver.active_associations,
+                self.heartbeat.set("receiver", {"associations": self.receiver.active_associations,
                                                    "stored": self.receiver.stored})
                 for w in self.workers:
                     if not w.alive() and not self._stop.is_set():
@@ -153,7 +157,7 @@ class Node:
         if days <= 0 or time.time() < self._next_purge:
             return
         self._next_purge = time.time() + 3600
-        from .admin import purge
+        from .retention import purge
 
         report = purge(self.store, days * 86400.0)
         if report.purged or report.kept:
@@ -162,20 +166,17 @@ class Node:
     def _recover_jobs_of(self, pid: int | None, why: str) -> None:
         if pid is None:
             return
-        rows = self.store.db.execute("SELECT id FROM jobs WHERE state='running' AND worker LIKE ?", (f"%:{pid}",)).fetchall()
-        for r in rows:
-            outcome = self.queue.fail(r["id"], why)
-            self.store.set_status("last_error", {"job": r["id"], "error": why})
-            log.error("job_interrupted", job=r["id"], outcome=outcome, reason=why)
+        for job_id in self.queue.running_on(pid):
+            outcome = self.queue.fail(job_id, why)
+            self.heartbeat.set("last_error", {"job": job_id, "error": why})
+            log.error("job_interrupted", job=job_id, outcome=outcome, reason=why)
 
     def _time_out_jobs(self) -> None:
         limit = time.time() - self.cfg.analyzers.job_timeout
-        rows = self.store.db.execute("SELECT id, worker FROM jobs WHERE state='running' AND started_at < ?", (limit,)).fetchall()
-        for r in rows:
-            pid = int(str(r["worker"]).rsplit(":", 1)[-1])
+        for job_id, pid in self.queue.running_since(limit):
             for w in self.workers:
                 if w.proc is not None and w.proc.pid == pid:
-                    log.error("job_timeout", job=r["id"], seconds=self.cfg.analyzers.job_timeout)
+                    log.error("job_timeout", job=job_id, seconds=self.cfg.analyzers.job_timeout)
                     w.proc.kill()
                     w.proc.join(5)
 
@@ -198,7 +199,7 @@ class Node:
             if not w.stop(grace):
                 self._recover_jobs_of(pid, "interrupted by the node stopping; it will run again")
         self.sender.stop(timeout=grace)
-        self.store.set_status("node", {"pid": os.getpid(), "state": "stopped", "stopped_at": time.time()})
+        self.heartbeat.set("node", {"pid": os.getpid(), "state": "stopped", "stopped_at": time.time()})
         log.info("node_stopped")
 
     def serve_forever(self) -> None:

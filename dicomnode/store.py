@@ -1,133 +1,49 @@
-"""Spool files plus the SQLite index of studies, series, instances, jobs and the outbox.
+"""The node's storage: spool files, database connections and transactions, and schema versions.
 
-The spool is ``<data>/spool/<StudyUID>/<SeriesUID>/<SOPUID>.dcm``. An instance is written to a
-temporary file, fsynced and renamed into place before it is indexed, and it is indexed before the
-receiver answers success. The index runs in WAL mode with ``synchronous=NORMAL``: a killed process
-loses no committed transaction; after a power loss the last commits can be missing, which
-:meth:`Store.reconcile` repairs at start-up by indexing spool files the index does not know.
+The spool is ``<data>/spool/<StudyUID>/<SeriesUID>/<SOPUID>.dcm``. A new instance file is created
+in place exclusively and fsynced before it is indexed; a large instance is received into ``tmp/``
+while it arrives and renamed into the spool (:class:`IncomingFile`); replacing an existing file
+goes through a temporary file and a rename. The receiver answers success only once the file is
+fsynced and its index row committed.
 
-One connection per thread (SQLite connections are not shared), short transactions, busy timeout.
-All storage goes through this module so that a server database can replace SQLite.
+The database is SQLite in WAL mode with ``synchronous=NORMAL``: a killed process loses no
+committed transaction; after a power loss the last commits can be missing, which
+:meth:`dicomnode.index.Index.reconcile` repairs at start-up by indexing spool files the index does
+not know. One connection per thread (SQLite connections are not shared), short transactions, a
+busy timeout. This module owns no table but ``schema_versions``: each table has one owning module
+(``index``: studies, series, instances; ``queue``: jobs; ``outbox``: outbox; ``heartbeat``:
+node_status) that keeps its DDL and migrations and runs its SQL through :attr:`Store.db` and
+:meth:`Store.transaction`, the one layer a server database would replace. The owners write SQL
+that SQLite and PostgreSQL both accept (``ON CONFLICT``, ``RETURNING``, no ``INSERT OR ...`` or
+``GROUP_CONCAT``) with ``?`` placeholders and ``{id}`` for an auto-numbered key in their DDL.
 """
 
 from __future__ import annotations
 
 import ctypes
 import itertools
-import json
 import mmap
 import os
 import re
 import sqlite3
 import threading
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
-CREATE TABLE IF NOT EXISTS studies (
-    study_uid TEXT PRIMARY KEY,
-    calling_ae TEXT, calling_host TEXT,
-    first_arrival REAL NOT NULL, last_arrival REAL NOT NULL,
-    state TEXT NOT NULL DEFAULT 'receiving',
-    completed_at REAL,
-    study_date TEXT, modalities TEXT,
-    n_instances INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS series (
-    series_uid TEXT PRIMARY KEY,
-    study_uid TEXT NOT NULL,
-    modality TEXT, description TEXT, series_number INTEGER,
-    attributes TEXT NOT NULL,
-    first_arrival REAL NOT NULL, last_arrival REAL NOT NULL,
-    routed_at REAL,
-    n_instances INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS series_study ON series(study_uid);
-CREATE TABLE IF NOT EXISTS instances (
-    sop_uid TEXT PRIMARY KEY,
-    series_uid TEXT NOT NULL, study_uid TEXT NOT NULL,
-    sop_class_uid TEXT NOT NULL, transfer_syntax TEXT,
-    instance_number INTEGER,
-    path TEXT NOT NULL, size INTEGER NOT NULL,
-    received_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);
-CREATE INDEX IF NOT EXISTS instances_study ON instances(study_uid);
-CREATE TABLE IF NOT EXISTS jobs (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    study_uid TEXT NOT NULL, analyzer TEXT NOT NULL, rule TEXT,
-    destinations TEXT NOT NULL, series_uids TEXT NOT NULL,
-    state TEXT NOT NULL DEFAULT 'queued', priority INTEGER NOT NULL DEFAULT 2,
-    attempts INTEGER NOT NULL DEFAULT 0, max_attempts INTEGER NOT NULL DEFAULT 3,
-    not_before REAL NOT NULL DEFAULT 0,
-    created_at REAL NOT NULL, started_at REAL, finished_at REAL,
-    worker TEXT, error TEXT, summary TEXT, n_objects INTEGER
-);
-CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, priority, not_before);
-CREATE TABLE IF NOT EXISTS outbox (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    job_id INTEGER, study_uid TEXT NOT NULL,
-    destination TEXT NOT NULL,
-    sop_uid TEXT NOT NULL, sop_class_uid TEXT NOT NULL, description TEXT,
-    path TEXT NOT NULL,
-    state TEXT NOT NULL DEFAULT 'pending',
-    attempts INTEGER NOT NULL DEFAULT 0, next_attempt REAL NOT NULL DEFAULT 0,
-    created_at REAL NOT NULL, sent_at REAL, last_error TEXT,
-    UNIQUE (sop_uid, destination)
-);
-CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_attempt);
-CREATE TABLE IF NOT EXISTS node_status (key TEXT PRIMARY KEY, value TEXT, updated_at REAL);
-"""
+from .index import ROUTING_KEYWORDS, InstanceRecord  # noqa: F401  (the receiver imports them from here)
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
-# Series-level attributes kept in the index for the router (never patient identity).
-ROUTING_KEYWORDS = (
-    "Modality", "BodyPartExamined", "SeriesDescription", "ImageType", "ViewPosition", "SOPClassUID",
-    "Manufacturer", "ManufacturerModelName", "ProtocolName", "StudyDescription", "Laterality",
-    "PhotometricInterpretation", "Rows", "Columns", "NumberOfFrames", "SliceThickness", "PixelSpacing",
-    "ImagerPixelSpacing", "BitsStored", "SeriesNumber", "ScanningSequence", "SequenceName",
-    "MRAcquisitionType", "EchoTime", "RepetitionTime", "KVP", "ConvolutionKernel", "PatientPosition",
-    "ImageOrientationPatient", "StationName", "InstitutionName", "ContrastBolusAgent", "AcquisitionType",
-)
+# The one table this module owns: which version of its tables each owning module has applied.
+_VERSIONS_DDL = "CREATE TABLE IF NOT EXISTS schema_versions (owner TEXT PRIMARY KEY, version INTEGER NOT NULL)"
+
+# SQLite's spelling of an auto-numbered key; owners write ``{id}`` in their DDL so another
+# database can substitute its own (PostgreSQL: ``BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY``).
+ID_COLUMN = "INTEGER PRIMARY KEY AUTOINCREMENT"
 
 
 def valid_uid(uid: Any) -> bool:
     return isinstance(uid, str) and 0 < len(uid) <= 64 and bool(_UID.match(uid))
-
-
-def to_jsonable(value: Any) -> Any:
-    """A DICOM element value as plain JSON (multi-values as lists, numbers as numbers)."""
-    if value is None or isinstance(value, bool):
-        return value
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):
-        return float(value)
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        return [to_jsonable(v) for v in value]
-    return str(value)
-
-
-@dataclass
-class InstanceRecord:
-    sop_uid: str
-    series_uid: str
-    study_uid: str
-    sop_class_uid: str
-    transfer_syntax: str
-    instance_number: int | None
-    path: Path
-    size: int
-    attributes: dict[str, Any]
-    calling_ae: str | None = None
-    calling_host: str | None = None
-    study_date: str | None = None
 
 
 class Store:
@@ -147,8 +63,9 @@ class Store:
         # one writer at a time within the process: SQLite's busy handler would otherwise put
         # concurrent writers (receiver threads) to sleep for milliseconds
         self._write_lock = threading.RLock()
-        self.db.executescript(SCHEMA)
-        self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        self._migrated: set[str] = set()
+        self._index_obj: Any = None
+        self.db.execute(_VERSIONS_DDL)
 
     # -- connections ---------------------------------------------------------
 
@@ -169,6 +86,30 @@ class Store:
     def transaction(self) -> "_Transaction":
         """``with store.transaction() as db:``: one write transaction (BEGIN IMMEDIATE), rolled back on an exception."""
         return _Transaction(self.db, self._write_lock)
+
+    def migrate(self, owner: str, steps: tuple[str, ...]) -> None:
+        """Bring the tables of module ``owner`` to version ``len(steps)``.
+
+        ``steps[n]`` is the DDL that takes them from version n to n + 1 (``{id}`` stands for an
+        auto-numbered key column). The missing steps run in one transaction with the new version,
+        so two processes opening the same database apply each step once.
+        """
+        if owner in self._migrated:
+            return
+        with self.transaction() as db:
+            row = db.execute("SELECT version FROM schema_versions WHERE owner=?", (owner,)).fetchone()
+            done = row[0] if row else 0
+            for step in steps[done:]:
+                for statement in step.replace("{id}", ID_COLUMN).split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+            if done < len(steps):
+                db.execute("INSERT INTO schema_versions VALUES (?, ?) ON CONFLICT (owner) DO UPDATE SET version=excluded.version",
+                           (owner, len(steps)))
+            elif done > len(steps):
+                raise RuntimeError(f"the {owner} tables in {self.db_path} are at version {done}, newer than this "
+                                   f"dicomnode knows ({len(steps)}); run the newer dicomnode or restore a backup")
+        self._migrated.add(owner)
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
@@ -256,123 +197,37 @@ class Store:
             for d in reversed(missing):
                 _fsync_dir(d.parent)
 
-    # -- receiving -----------------------------------------------------------
+    def spool_files(self) -> Any:
+        """Every instance file in the spool."""
+        return self.spool.glob("*/*/*.dcm")
 
-    def index_instance(self, rec: InstanceRecord, now: float | None = None) -> None:
-        """Record an instance already in the spool; a re-sent instance replaces its row.
+    def quarantine(self, path: Path) -> None:
+        """Move a damaged spool file (cut off mid-write, never acknowledged) to ``quarantine/``."""
+        folder = self.data_dir / "quarantine"
+        folder.mkdir(exist_ok=True)
+        os.replace(path, folder / path.name)
 
-        Runs once per received instance, before the receiver answers: the series and study rows
-        are updated in place, and only the first instance of a series or study inserts its row
-        (with the series' routing attributes as JSON).
-        """
-        now = now or time.time()
-        with self.transaction() as db:
-            new = 0 if db.execute("SELECT 1 FROM instances WHERE sop_uid=?", (rec.sop_uid,)).fetchone() else 1
-            db.execute(
-                "INSERT OR REPLACE INTO instances VALUES (?,?,?,?,?,?,?,?,?)",
-                (rec.sop_uid, rec.series_uid, rec.study_uid, rec.sop_class_uid, rec.transfer_syntax,
-                 rec.instance_number, str(rec.path), rec.size, now),
-            )
-            if not db.execute("UPDATE series SET last_arrival=?, n_instances=n_instances+? WHERE series_uid=?",
-                              (now, new, rec.series_uid)).rowcount:
-                attrs = rec.attributes
-                db.execute(
-                    """INSERT INTO series (series_uid, study_uid, modality, description, series_number, attributes,
-                           first_arrival, last_arrival, n_instances) VALUES (?,?,?,?,?,?,?,?,1)""",
-                    (rec.series_uid, rec.study_uid, attrs.get("Modality"), attrs.get("SeriesDescription"),
-                     _int(attrs.get("SeriesNumber")), json.dumps(attrs, separators=(",", ":")), now, now),
-                )
-            if not db.execute(
-                    """UPDATE studies SET last_arrival=?, state='receiving', calling_ae=COALESCE(?, calling_ae),
-                           calling_host=COALESCE(?, calling_host), n_instances=n_instances+? WHERE study_uid=?""",
-                    (now, rec.calling_ae, rec.calling_host, new, rec.study_uid)).rowcount:
-                db.execute(
-                    """INSERT INTO studies (study_uid, calling_ae, calling_host, first_arrival, last_arrival, state,
-                           study_date, modalities, n_instances) VALUES (?,?,?,?,?,'receiving',?,?,1)""",
-                    (rec.study_uid, rec.calling_ae, rec.calling_host, now, now, rec.study_date,
-                     rec.attributes.get("Modality")),
-                )
-
-    # -- queries -------------------------------------------------------------
-
-    def studies(self, limit: int = 1000) -> list[dict[str, Any]]:
-        rows = self.db.execute(
-            """SELECT s.*, (SELECT COUNT(*) FROM series WHERE study_uid=s.study_uid) AS n_series,
-                      (SELECT GROUP_CONCAT(DISTINCT modality) FROM series WHERE study_uid=s.study_uid) AS mods
-               FROM studies s ORDER BY last_arrival DESC LIMIT ?""",
-            (limit,),
-        ).fetchall()
-        return [dict(r) for r in rows]
-
-    def study(self, study_uid: str) -> dict[str, Any] | None:
-        row = self.db.execute("SELECT * FROM studies WHERE study_uid=?", (study_uid,)).fetchone()
-        return dict(row) if row else None
-
-    def series_of(self, study_uid: str) -> list[dict[str, Any]]:
-        rows = self.db.execute("SELECT * FROM series WHERE study_uid=? ORDER BY series_number, first_arrival", (study_uid,))
-        out = []
-        for r in rows:
-            d = dict(r)
-            d["attributes"] = json.loads(d["attributes"])
-            out.append(d)
-        return out
-
-    def instances_of_series(self, series_uid: str) -> list[dict[str, Any]]:
-        rows = self.db.execute(
-            "SELECT * FROM instances WHERE series_uid=? ORDER BY instance_number IS NULL, instance_number, received_at",
-            (series_uid,),
-        )
-        return [dict(r) for r in rows]
-
-    def load_study(self, study_uid: str, series_uids: list[str] | None = None):
-        """The study as the analyzers see it (``analyzers.base.Study``), from the index."""
-        from .analysis import Instance, Series, Study
-
-        series = []
-        for s in self.series_of(study_uid):
-            if series_uids is not None and s["series_uid"] not in series_uids:
-                continue
-            insts = [
-                Instance(Path(i["path"]), i["sop_uid"], i["sop_class_uid"], i["instance_number"])
-                for i in self.instances_of_series(s["series_uid"])
-            ]
-            if insts:
-                series.append(Series(s["series_uid"], s["modality"] or "", insts, s["description"] or "", s["attributes"]))
-        return Study(study_uid, series)
-
-    def set_status(self, key: str, value: Any) -> None:
-        self.db.execute(
-            "INSERT OR REPLACE INTO node_status VALUES (?,?,?)", (key, json.dumps(value), time.time())
-        )
-
-    def get_status(self) -> dict[str, Any]:
-        return {r["key"]: {"value": json.loads(r["value"]), "updated_at": r["updated_at"]}
-                for r in self.db.execute("SELECT * FROM node_status")}
-
-    # -- recovery ------------------------------------------------------------
-
-    def reconcile(self, parse) -> int:
-        """Index spool files that the index lacks; move damaged ones (cut off mid-write) aside.
-
-        ``parse(path)`` returns an :class:`InstanceRecord`, or None for a file that is not a whole
-        instance. Returns the number of files indexed.
-        """
-        known = {r[0] for r in self.db.execute("SELECT path FROM instances")}
-        added = 0
-        for path in self.spool.glob("*/*/*.dcm"):
-            if str(path) in known:
-                continue
-            rec = parse(path)
-            if rec is None:
-                quarantine = self.data_dir / "quarantine"
-                quarantine.mkdir(exist_ok=True)
-                os.replace(path, quarantine / path.name)
-                continue
-            self.index_instance(rec, now=path.stat().st_mtime)
-            added += 1
+    def clear_tmp(self) -> None:
+        """Remove what a crash left in ``tmp/``: files being received or replaced, never acknowledged."""
         for stale in self.tmp.iterdir():
             stale.unlink(missing_ok=True)
-        return added
+
+    # -- the index, for the receiver and the worker --------------------------------
+
+    def index_instance(self, rec: Any, now: float | None = None) -> None:
+        """:meth:`dicomnode.index.Index.add`; kept so that the receiver's call reads as before."""
+        self._index().add(rec, now)
+
+    def load_study(self, study_uid: str, series_uids: list[str] | None = None):
+        """:meth:`dicomnode.index.Index.load_study`; kept so that the worker's call reads as before."""
+        return self._index().load_study(study_uid, series_uids)
+
+    def _index(self) -> Any:
+        if self._index_obj is None:
+            from .index import Index
+
+            self._index_obj = Index(self)
+        return self._index_obj
 
 
 _WRITEBACK_STEP = 1 << 20
@@ -457,6 +312,30 @@ class IncomingFile:
             _fsync_dir(path.parent)
         return self.size
 
+    def migrate(self, owner: str, steps: tuple[str, ...]) -> None:
+        """Bring the tables of module ``owner`` to version ``len(steps)``.
+
+        ``steps[n]`` is the DDL that takes them from version n to n + 1 (``{id}`` stands for an
+        auto-numbered key column). The missing steps run in one transaction with the new version,
+        so two processes opening the same database apply each step once.
+        """
+        if owner in self._migrated:
+            return
+        with self.transaction() as db:
+            row = db.execute("SELECT version FROM schema_versions WHERE owner=?", (owner,)).fetchone()
+            done = row[0] if row else 0
+            for step in steps[done:]:
+                for statement in step.replace("{id}", ID_COLUMN).split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+            if done < len(steps):
+                db.execute("INSERT INTO schema_versions VALUES (?, ?) ON CONFLICT (owner) DO UPDATE SET version=excluded.version",
+                           (owner, len(steps)))
+            elif done > len(steps):
+                raise RuntimeError(f"the {owner} tables in {self.db_path} are at version {done}, newer than this "
+                                   f"dicomnode knows ({len(steps)}); run the newer dicomnode or restore a backup")
+        self._migrated.add(owner)
+
     def close(self) -> None:
         """Release the file; one that was not committed is removed."""
         if self._view is not None:
@@ -509,13 +388,6 @@ class _Transaction:
     def _rollback(self) -> None:
         if self.db.in_transaction:  # SQLite may have rolled back already (e.g. disk full)
             self.db.execute("ROLLBACK")
-
-
-def _int(v: Any) -> int | None:
-    try:
-        return int(v) if v not in (None, "") else None
-    except (TypeError, ValueError):
-        return None
 
 
 def _write_all(fd: int, parts: list[Any]) -> int:

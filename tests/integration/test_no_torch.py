@@ -19,7 +19,7 @@ def test_analyzer_runs_without_torch(name, tmp_path):
         from pathlib import Path
         from dicomnode.analysis import NotApplicable, Study
         from dicomnode.registry import analyzer_class
-        from dicomnode.cli import collect_files, read_studies
+        from dicomnode.cli.common import collect_files, read_studies
         cls = analyzer_class({name!r})
         analyzer = cls()
         analyzer.load()

@@ -16,6 +16,7 @@ from dicomnode.uids import CR_IMAGE, CT_IMAGE
 from dicomnode.config import Config
 from dicomnode.dimse.part10 import read_file_meta
 from dicomnode.dimse.requestor import send_files
+from dicomnode.index import Index
 from dicomnode.receiver import Receiver
 from dicomnode.store import Store
 from tests.peers import echoscu, storescu, storescu_each_syntax
@@ -60,7 +61,7 @@ def test_storescu_study_is_stored_and_indexed(node, tmp_path):
     assert r.returncode == 0, r.stderr
     stored = spool_files(store)
     assert len(stored) == 12
-    study = store.studies()[0]
+    study = Index(store).studies()[0]
     assert study["n_instances"] == 12 and study["calling_ae"] == "STORESCU" and study["mods"] == "CT"
     src = pydicom.dcmread(files[0])
     copy = pydicom.dcmread(store.spool / src.StudyInstanceUID / src.SeriesInstanceUID / f"{src.SOPInstanceUID}.dcm")
@@ -131,7 +132,7 @@ def test_large_instances_are_written_while_they_arrive(node, tmp_path):
         stored = store.spool / src.StudyInstanceUID / src.SeriesInstanceUID / f"{src.SOPInstanceUID}.dcm"
         assert _dataset_bytes(stored) == _dataset_bytes(f)
         assert pydicom.dcmread(stored).file_meta.SourceApplicationEntityTitle == "STORESCU"
-    assert store.studies()[0]["n_instances"] == 3
+    assert Index(store).studies()[0]["n_instances"] == 3
     assert len(opened) == 4
 
     truncated = tmp_path / "truncated.dcm"

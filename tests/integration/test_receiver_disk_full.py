@@ -18,6 +18,7 @@ from dicomnode.uids import CR_IMAGE
 from dicomnode.config import Config
 from dicomnode.dimse.requestor import StoreSCU
 from dicomnode.dimse.syntaxes import EXPLICIT_VR_LE, IMPLICIT_VR_LE, VERIFICATION
+from dicomnode.index import Index
 from dicomnode.receiver import Receiver
 from dicomnode.store import Store
 
@@ -86,6 +87,6 @@ def test_disk_full_on_the_streaming_path_answers_out_of_resources(small_disk, tm
             assert echo_status == 0  # the same association goes on: no reset, no abort
             assert leftovers == []  # nothing half-written stays
             assert again == (0, "")
-        assert store.studies()[0]["n_instances"] == 2
+        assert Index(store).studies()[0]["n_instances"] == 2
     finally:
         rx.stop()

@@ -8,6 +8,7 @@ from analyzers.phantoms import PhantomPatient, image_dataset
 from dicomnode.uids import CR_IMAGE
 from dicomnode.assembler import Assembler, RulesHolder
 from dicomnode.config import Config
+from dicomnode.index import Index
 from dicomnode.queue import JobQueue
 from dicomnode.receiver import record_from
 from dicomnode.store import Store
@@ -58,13 +59,13 @@ def test_study_completes_after_rule_quiet_time_and_late_instance_reopens_only_it
     assert asm.sweep(now=1011.5) == 1
     jobs = queue.list()
     assert len(jobs) == 1 and jobs[0]["destinations"] == ["pacs"] and jobs[0]["series_uids"] == ["1.2.3.1", "1.2.3.2"]
-    assert store.study(pat.study_uid)["state"] == "complete"
+    assert Index(store).study(pat.study_uid)["state"] == "complete"
     assert asm.sweep(now=1050.0) == 0  # nothing new
 
     job = queue.claim()
     queue.finish(job.id, [], {"objects": 0})
     arrive(store, pat, 1100.0, series_uid="1.2.3.2")  # late instance
-    assert store.study(pat.study_uid)["state"] == "receiving"
+    assert Index(store).study(pat.study_uid)["state"] == "receiving"
     assert asm.sweep(now=1111.0) == 1
     late = queue.list()[0]
     assert late["id"] != job.id and late["series_uids"] == ["1.2.3.2"]
@@ -90,9 +91,9 @@ def test_unmatched_series_are_closed_without_jobs(env):
     cfg, store, queue, asm, pat = env
     arrive(store, pat, 1000.0, modality="MR", series_uid="1.2.6.1")
     assert asm.sweep(now=1029.0) == 0
-    assert store.study(pat.study_uid)["state"] == "receiving"
+    assert Index(store).study(pat.study_uid)["state"] == "receiving"
     assert asm.sweep(now=1031.0) == 0
-    assert store.study(pat.study_uid)["state"] == "complete" and queue.list() == []
+    assert Index(store).study(pat.study_uid)["state"] == "complete" and queue.list() == []
 
 
 def test_queue_merges_pending_jobs_retries_with_backoff_then_parks(env):

@@ -6,7 +6,7 @@ import pytest
 import structlog
 import yaml
 
-from dicomnode.admin import RulesFile
+from dicomnode.admin.rules_file import RulesFile
 from dicomnode.cli import main
 from dicomnode.config import load_config
 from dicomnode.router import RuleSet
@@ -281,3 +281,18 @@ def test_top_level_config_option_reaches_every_verb(site, capsys, monkeypatch):
     assert code == 0 and len(json.loads(out)) == 2
     code, _, err = run(capsys, "rules", "list")
     assert code == 2 and "does not exist" in err
+
+
+def test_removing_the_last_rule_leaves_an_empty_valid_rules_file(site, capsys):
+    assert run(capsys, "rules", "remove", "chest")[0] == 0
+    code, out, err = run(capsys, "rules", "remove", "ct-probe")
+    assert code == 0, err
+    assert "(0 rules in" in out
+    text = (site / "rules.yaml").read_text()
+    assert text.startswith("# Routing rules, reviewed like code.") and "- name:" not in text
+    assert rule_names(site) == []
+    code, out, _ = run(capsys, "rules", "validate")
+    assert code == 0 and "0 rules, valid" in out
+    assert run(capsys, "rules", "list")[1].startswith("(no rules in")
+    assert run(capsys, "rules", "add", "ct-again", "--match", "Modality=CT", "--analyzer", "intensity_probe")[0] == 0
+    assert rule_names(site) == ["ct-again"] and (site / "rules.yaml").read_text().startswith("# Routing rules, reviewed like code.")

@@ -2,7 +2,9 @@
 
 import pytest
 
-from dicomnode.admin import AdminError, condition_of, describe, parse_duration, parse_match
+from dicomnode.admin import AdminError
+from dicomnode.admin.durations import parse_duration
+from dicomnode.admin.match import condition_of, describe, parse_match
 from dicomnode.router import SeriesView, evaluate
 
 

@@ -15,6 +15,8 @@ from dicomnode.analysis import Analyzer, ModelInfo, sha256_file
 from analyzers.phantoms import PhantomPatient, image_dataset, save
 from dicomnode.uids import CR_IMAGE, CT_IMAGE
 from dicomnode.cli import main
+from dicomnode.heartbeat import Heartbeat
+from dicomnode.index import Index
 from dicomnode.outbox import Outbox
 from dicomnode.queue import JobQueue
 from dicomnode.receiver import record_from
@@ -129,10 +131,10 @@ def test_status_says_whether_the_node_is_up(site, capsys):
     store = Store(site / "data", fsync=False)
     code, out, _ = run(capsys, "status")
     assert code == 1 and "never run" in out
-    store.set_status("node", {"pid": os.getpid(), "started_at": time.time() - 10, "port": 11112, "ae_title": "DICOMNODE",
+    Heartbeat(store).set("node", {"pid": os.getpid(), "started_at": time.time() - 10, "port": 11112, "ae_title": "DICOMNODE",
                               "state": "running"})
-    store.set_status("receiver", {"associations": 2, "stored": 7})
-    store.set_status("last_error", {"job": 4, "error": "the worker process died while running this job"})
+    Heartbeat(store).set("receiver", {"associations": 2, "stored": 7})
+    Heartbeat(store).set("last_error", {"job": 4, "error": "the worker process died while running this job"})
     JobQueue(store).enqueue("1.2.3", "intensity_probe", "r", ["pacs"], [])
     code, out, _ = run(capsys, "status")
     assert code == 0, out
@@ -145,10 +147,10 @@ def test_status_says_whether_the_node_is_up(site, capsys):
     if dead == 0:
         os._exit(0)
     os.waitpid(dead, 0)
-    store.set_status("node", {"pid": dead, "started_at": time.time() - 10, "port": 11112, "state": "running"})
+    Heartbeat(store).set("node", {"pid": dead, "started_at": time.time() - 10, "port": 11112, "state": "running"})
     code, out, _ = run(capsys, "status")
     assert code == 1 and out.startswith("DOWN:") and f"process {dead} is gone" in out
-    store.set_status("node", {"pid": os.getpid(), "state": "stopped", "stopped_at": time.time()})
+    Heartbeat(store).set("node", {"pid": os.getpid(), "state": "stopped", "stopped_at": time.time()})
     code, out, _ = run(capsys, "status")
     assert code == 1 and "stopped" in out
     (site / "rules.yaml").write_text("- name: x\n  when: {Modality: {equal: CR}}\n  analyzers: [intensity_probe]\n")
@@ -242,12 +244,12 @@ def test_purge_removes_old_finished_studies_and_keeps_open_work(site, capsys):
     code, out, _ = run(capsys, "studies", "purge", "--older-than", "30d")
     assert code == 0 and out.startswith("purged 1 study") and "kept 2" in out
     assert "1 pending outbox row" in out and "1 queued job" in out
-    assert store.study(old_done) is None and not (store.spool / old_done).exists()
+    assert Index(store).study(old_done) is None and not (store.spool / old_done).exists()
     assert not (store.results / str(job_done)).exists()
     assert store.db.execute("SELECT COUNT(*) FROM instances WHERE study_uid=?", (old_done,)).fetchone()[0] == 0
     assert store.db.execute("SELECT COUNT(*) FROM jobs WHERE study_uid=?", (old_done,)).fetchone()[0] == 0
     for uid in (old_pending, old_queued, recent):
-        assert store.study(uid) is not None and all(p.exists() for p in spool_files[uid])
+        assert Index(store).study(uid) is not None and all(p.exists() for p in spool_files[uid])
 
     code, out, _ = run(capsys, "studies", "purge", "--older-than", "1h", "--json")
     assert json.loads(out)["purged"] == [recent]

@@ -2,12 +2,14 @@
 
 import numpy as np
 import pydicom
+import pytest
 
 from analyzers.phantoms import PhantomPatient, image_dataset, save
 
-from dicomnode.uids import CT_IMAGE
+from dicomnode.index import Index
 from dicomnode.receiver import reindex_file
 from dicomnode.store import Store
+from dicomnode.uids import CT_IMAGE
 
 
 def test_write_durably_creates_and_replaces(tmp_path):
@@ -32,8 +34,22 @@ def test_reconcile_indexes_whole_files_and_quarantines_cut_ones(tmp_path):
         data = src.read_bytes()
         store.write_durably(dst, data if i < 2 else data[:-500])  # the third was cut off mid-write
         files.append(dst)
-    assert store.reconcile(reindex_file) == 2
-    assert store.studies()[0]["n_instances"] == 2
+    assert Index(store).reconcile(reindex_file) == 2
+    assert Index(store).studies()[0]["n_instances"] == 2
     assert not files[2].exists() and (store.data_dir / "quarantine" / files[2].name).exists()
-    assert store.reconcile(reindex_file) == 0
+    assert Index(store).reconcile(reindex_file) == 0
     assert pydicom.dcmread(files[0]).SOPInstanceUID == files[0].stem
+
+
+def test_each_owner_migrates_its_own_tables_once_and_a_newer_database_is_refused(tmp_path):
+    store = Store(tmp_path / "d", fsync=False)
+    store.migrate("probe", ("CREATE TABLE probe (a INTEGER)",))
+    again = Store(tmp_path / "d", fsync=False)  # another process opening the same database, one step later
+    again.migrate("probe", ("CREATE TABLE probe (a INTEGER)", "ALTER TABLE probe ADD COLUMN b TEXT"))
+    again.migrate("probe", ("CREATE TABLE probe (a INTEGER)", "ALTER TABLE probe ADD COLUMN b TEXT"))
+    assert [r[1] for r in again.db.execute("PRAGMA table_info(probe)")] == ["a", "b"]
+    Index(again)
+    assert dict(again.db.execute("SELECT owner, version FROM schema_versions").fetchall()) == {"probe": 2, "index": 1}
+    again.db.execute("UPDATE schema_versions SET version=2 WHERE owner='index'")
+    with pytest.raises(RuntimeError, match="newer than this dicomnode knows"):
+        Index(Store(tmp_path / "d", fsync=False))
