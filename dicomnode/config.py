@@ -120,6 +120,29 @@ class SenderSection(_Strict):
     ae_title: str | None = None
 
 
+class MetricsSection(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(0, ge=0, le=65535, description="0 turns the listener off")
+    min_free_mb: float = Field(1024, ge=0, description="/readyz fails when the data folder's disk has less free space")
+
+    @property
+    def enabled(self) -> bool:
+        return self.port != 0
+
+
+class SyslogTarget(_Strict):
+    host: str
+    port: int = Field(514, ge=1, le=65535)
+    protocol: Literal["udp", "tcp"] = "udp"
+
+
+class AuditSection(_Strict):
+    file: Path = Field(Path("audit.log"), description="relative to storage.data_dir")
+    max_bytes: int = Field(10 << 20, ge=4096, description="rotate the audit file at this size")
+    backups: int = Field(10, ge=1, le=1000, description="rotated files kept (audit.log.1 ...)")
+    syslog: SyslogTarget | None = Field(None, description="also send DICOM PS3.15 audit messages as RFC 5424 syslog")
+
+
 class Config(_Strict):
     node: NodeSection = NodeSection()
     storage: StorageSection = StorageSection()
@@ -129,6 +152,8 @@ class Config(_Strict):
     analyzers: AnalyzersSection = AnalyzersSection()
     assembly: AssemblySection = AssemblySection()
     sender: SenderSection = SenderSection()
+    metrics: MetricsSection = MetricsSection()
+    audit: AuditSection = AuditSection()
     logging: dict[str, Any] = Field(default_factory=lambda: {"level": "INFO", "format": "json"})
 
     path: Path | None = Field(None, exclude=True)
@@ -142,6 +167,9 @@ class Config(_Strict):
                     + (f"use one of {', '.join(sorted(self.destinations))} or add it under destinations:" if self.destinations
                        else "add it under destinations: (name: {ae_title, host, port})")
                 )
+        if self.metrics.enabled and self.metrics.port == self.node.port:
+            raise ValueError(f"metrics.port: {self.metrics.port} is also node.port (the DICOM port); choose another, "
+                             "e.g. 9110, or 0 to turn the metrics listener off")
         return self
 
     # -- resolved paths ------------------------------------------------------
@@ -161,6 +189,11 @@ class Config(_Strict):
     @property
     def rules_path(self) -> Path:
         return self.resolve(self.rules_file)
+
+    @property
+    def audit_path(self) -> Path:
+        p = Path(os.path.expanduser(str(self.audit.file)))
+        return p if p.is_absolute() else self.data_dir / p
 
     @property
     def db_path(self) -> Path:

@@ -8,6 +8,7 @@ The node writes its state at start and stop (``node``), the receiver's figures e
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,14 @@ class Heartbeat:
         self.store.db.execute(
             "INSERT INTO node_status VALUES (?,?,?) ON CONFLICT (key) DO UPDATE SET value=excluded.value, "
             "updated_at=excluded.updated_at", (key, json.dumps(value), time.time()))
+
+    @staticmethod
+    def probe_write(db: Any) -> None:
+        """One small write transaction on ``db`` (/readyz asks whether the index takes writes)."""
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("INSERT INTO node_status VALUES ('readyz', ?, ?) ON CONFLICT (key) DO UPDATE SET value=excluded.value, "
+                   "updated_at=excluded.updated_at", (json.dumps({"pid": os.getpid()}), time.time()))
+        db.execute("COMMIT")
 
     def get(self) -> dict[str, Any]:
         """Every key's value and when it was written."""

@@ -240,6 +240,20 @@ class Index:
         """Studies whose last instance arrived before ``cutoff``."""
         return [r[0] for r in self.store.db.execute("SELECT study_uid FROM studies WHERE last_arrival < ?", (cutoff,))]
 
+    def sop_classes_of(self, study_uid: str) -> dict[str, int]:
+        """Instances of a study per SOP class (the audit trail's study_received)."""
+        return {r[0]: r[1] for r in self.store.db.execute(
+            "SELECT sop_class_uid, COUNT(*) FROM instances WHERE study_uid=? GROUP BY sop_class_uid", (study_uid,))}
+
+    @staticmethod
+    def study_states(db: Any) -> dict[str, int]:
+        return {r[0]: r[1] for r in db.execute("SELECT state, COUNT(*) FROM studies GROUP BY state")}
+
+    @staticmethod
+    def completed_at(db: Any, study_uid: str) -> float | None:
+        row = db.execute("SELECT completed_at FROM studies WHERE study_uid=?", (study_uid,)).fetchone()
+        return row[0] if row is not None else None
+
     @staticmethod
     def last_arrival(db: Any, study_uid: str) -> float | None:
         row = db.execute("SELECT last_arrival FROM studies WHERE study_uid=?", (study_uid,)).fetchone()

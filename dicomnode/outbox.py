@@ -100,6 +100,23 @@ class Outbox:
         rows = self.store.db.execute(q + " ORDER BY id DESC LIMIT ?", [*args, limit]).fetchall()
         return [dict(r) for r in rows]
 
+    @staticmethod
+    def backlog(db: Any) -> dict[str, tuple[int, float | None, int]]:
+        """Per destination: pending rows, when the oldest of them was created, failed (parked) rows."""
+        out: dict[str, tuple[int, float | None, int]] = {}
+        for dest, state, n, first in db.execute(
+                "SELECT destination, state, COUNT(*), MIN(created_at) FROM outbox WHERE state IN ('pending','failed') "
+                "GROUP BY destination, state"):
+            pending, oldest, failed = out.get(dest, (0, None, 0))
+            out[dest] = (n, first, failed) if state == "pending" else (pending, oldest, n)
+        return out
+
+    @staticmethod
+    def waiting(db: Any, study_uid: str, destination: str) -> bool:
+        """Whether a result of the study still waits for ``destination``."""
+        return db.execute("SELECT 1 FROM outbox WHERE study_uid=? AND destination=? AND state='pending' LIMIT 1",
+                          (study_uid, destination)).fetchone() is not None
+
     def depths(self) -> dict[str, int]:
         return {r[0]: r[1] for r in self.store.db.execute("SELECT state, COUNT(*) FROM outbox GROUP BY state")}
 

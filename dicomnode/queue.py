@@ -194,6 +194,17 @@ class JobQueue:
             out.append(d)
         return out
 
+    @staticmethod
+    def by_analyzer_and_state(db: Any) -> list[tuple[str, str, int]]:
+        """How many jobs each analyzer has in each state (the metrics' gauge)."""
+        return [(r[0], r[1], r[2]) for r in db.execute("SELECT analyzer, state, COUNT(*) FROM jobs GROUP BY analyzer, state")]
+
+    @staticmethod
+    def queue_wait(db: Any, job_id: int) -> float | None:
+        """Seconds from when a started job became due (queued, or its retry time) to its start."""
+        row = db.execute("SELECT created_at, not_before, started_at FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return None if row is None or row[2] is None else max(0.0, row[2] - max(row[0], row[1]))
+
     def depths(self) -> dict[str, int]:
         return {r[0]: r[1] for r in self.store.db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state")}
 

@@ -16,6 +16,13 @@ def test_shipped_configuration_loads():
     assert cfg.node.ae_title == "DICOMNODE" and cfg.node.port == 11112
     assert cfg.rules_path.name == "rules.yaml" and cfg.data_dir.name == "data"
     assert cfg.destinations["pacs"].port == 4242
+    assert cfg.metrics.enabled and (cfg.metrics.host, cfg.metrics.port) == ("127.0.0.1", 9110)
+    assert cfg.audit_path == cfg.data_dir / "audit.log"
+
+
+def test_metrics_are_off_unless_configured(tmp_path):
+    assert not load_config(write(tmp_path, "node: {port: 11112}\n")).metrics.enabled
+    assert not load_config(write(tmp_path, "metrics: {port: 0}\n")).metrics.enabled
 
 
 @pytest.mark.parametrize("text, message", [
@@ -26,6 +33,11 @@ def test_shipped_configuration_loads():
      "callers[0].destination: 'pcas' is not a configured destination; use one of pacs"),
     ("node: {tls: {enabled: true}}\n", "set tls.cert and tls.key"),
     ("analyzers: {device: tpu}\n", "analyzers.device: Input should be 'auto', 'cpu' or 'cuda'"),
+    ("metrics: {port: 70000}\n", "metrics.port: Input should be less than or equal to 65535"),
+    ("metrics: {port: 11112}\n", "metrics.port: 11112 is also node.port (the DICOM port); choose another"),
+    ("metrics: {prot: 9110}\n", "metrics.prot: unknown key"),
+    ("metrics: {port: 9110, min_free_mb: -1}\n", "metrics.min_free_mb: Input should be greater than or equal to 0"),
+    ("audit: {syslog: {host: h, protocol: tls}}\n", "audit.syslog.protocol: Input should be 'udp' or 'tcp'"),
     ("- just a list\n", "the top level must be a mapping"),
     ("node: [unclosed\n", "not valid YAML"),
 ])
