@@ -645,11 +645,12 @@ class AnalysisContext:
 
 @dataclass
 class Analysis:
-    """One study analysed: the result, its DICOM objects (SR first) and the seconds ``analyze`` took."""
+    """One study analysed: the result, its DICOM objects (SR first), the seconds ``analyze`` and encoding took."""
 
     result: AnalysisResult
     datasets: list["pydicom.Dataset"]
     analyze_seconds: float
+    encode_seconds: float = 0.0
 
 
 def run_analysis(analyzer: Analyzer, study: Study, context: AnalysisContext) -> Analysis:
@@ -698,7 +699,9 @@ def run_analyses(analyzer: Analyzer, studies: Sequence[Study], context: Analysis
                 continue
             try:
                 result.check_against(studies[k])
-                out[k] = Analysis(result, encode_result(result, studies[k], context.encoder, context.template), seconds)
+                t1 = time.monotonic()
+                datasets = encode_result(result, studies[k], context.encoder, context.template)
+                out[k] = Analysis(result, datasets, seconds, time.monotonic() - t1)
             except Exception as exc:
                 out[k] = exc
     return [r if r is not None else RuntimeError("no result") for r in out]

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import structlog
 
+from . import audit, metrics
 from .config import Config
 from .index import Index
 from .queue import JobQueue
@@ -81,6 +82,14 @@ class Assembler:
                                 max_instances=1, coalesce=True, id="sweep")
         self._scheduler.start()
 
+    def wake(self) -> None:
+        """Sweep now rather than at the next tick (an association ended: a rule may complete early)."""
+        import datetime as dt
+
+        scheduler = self._scheduler
+        if scheduler is not None and scheduler.running:
+            scheduler.modify_job("sweep", next_run_time=dt.datetime.now(dt.timezone.utc))
+
     def stop(self) -> None:
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=True)
@@ -133,6 +142,7 @@ class Assembler:
                 self.index.mark_routed(study_uid, dirty_uids, now)
                 log.info("study_complete", study_uid=study_uid, series=len(dirty_uids), jobs=0, reason="quiet",
                          note="no rule matched")
+                self._completed(study_uid, "quiet", [])
             return 0
 
         waits = [caller.stable_after if caller and caller.stable_after is not None else
@@ -166,7 +176,12 @@ class Assembler:
         self.index.mark_routed(study_uid, dirty_uids, now)
         log.info("study_complete", study_uid=study_uid, series=len(dirty_uids), jobs=jobs, reason=reason,
                  rules=sorted(matches), quiet_seconds=round(quiet, 1))
+        self._completed(study_uid, reason, sorted(matches))
         return jobs
+
+    def _completed(self, study_uid: str, reason: str, rules: list[str]) -> None:
+        metrics.study_completed(reason)
+        audit.study_received(self.index, study_uid, reason=reason, rules=rules)
 
     def _required_present(self, rule, all_series: list[dict[str, Any]], calling_ae: str | None) -> bool:
         views = [series_view(s, calling_ae, None) for s in all_series]

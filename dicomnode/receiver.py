@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import ssl
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import structlog
 from pydicom.dataset import Dataset
 from pynetdicom import AllStoragePresentationContexts
 
+from . import metrics
 from .config import Config
 from .dimse.acceptor import StorageSCP, StoreRequest, is_storage_like
 from .dimse.part10 import file_header, read_file_meta
@@ -76,6 +77,7 @@ class Receiver:
         self._scp: StorageSCP | None = None
         self.stored = 0
         self.extra_classes = frozenset(cfg.node.extra_sop_classes)
+        self.on_association_end: Callable[[], None] = lambda: None  # the service wakes the assembler
 
     def store_bytes(self, dataset: bytes | memoryview, transfer_syntax: str, context_class: str, affected_uid: str,
                     calling: str, host: str, incoming: IncomingFile | None = None) -> tuple[int, str]:
@@ -134,6 +136,10 @@ class Receiver:
         self.cfg = cfg
 
     @property
+    def listening(self) -> bool:
+        return self._scp is not None
+
+    @property
     def active_associations(self) -> int:
         return self._scp.active_associations if self._scp is not None else 0
 
@@ -156,8 +162,14 @@ class Receiver:
         return any(c.ae_title == calling_ae.strip() and (c.host is None or c.host == host) for c in self.cfg.callers)
 
     def _store(self, req: StoreRequest) -> tuple[int, str]:
-        return self.store_bytes(req.dataset, req.transfer_syntax, req.sop_class_uid, req.affected_sop_instance_uid,
-                                req.calling_ae, req.host, req.incoming)
+        status, comment = self.store_bytes(req.dataset, req.transfer_syntax, req.sop_class_uid,
+                                           req.affected_sop_instance_uid, req.calling_ae, req.host, req.incoming)
+        metrics.stored(status, len(req.dataset))
+        return status, comment
+
+    def _association_ended(self, info: Any) -> None:
+        metrics.association("accepted")
+        self.on_association_end()
 
     def _incoming(self, req: StoreRequest) -> IncomingFile:
         """A file for a large data set to go to disk as it arrives, headed by the Part 10 header it will need."""
@@ -174,7 +186,8 @@ class Receiver:
             node.ae_title, node.host, node.port, store=self._store, allow=self.allowed,
             max_associations=node.max_associations, max_pdu=node.max_pdu, network_timeout=node.network_timeout,
             reuse_port=self.reuse_port, ssl_context=self._ssl_context(), accept_sop_class=is_storage_like,
-            incoming=self._incoming)
+            incoming=self._incoming, on_association=self._association_ended,
+            on_reject=lambda reason: metrics.association("rejected", reason))
         self._scp.start()
         log.info("receiver_listening", ae_title=node.ae_title, host=node.host, port=self._scp.port,
                  tls=node.tls.enabled, callers=len(self.cfg.callers))
@@ -191,7 +204,7 @@ class Receiver:
             self._scp = None
 
 
-def receiver_process_main(config_path: str, stop: Any) -> None:
+def receiver_process_main(config_path: str, stop: Any, ended: Any = None) -> None:
     """An extra receiver process sharing the node's port (``node.receivers`` > 1).
 
     It follows the configuration file for callers like the main process does, and stops with
@@ -208,8 +221,11 @@ def receiver_process_main(config_path: str, stop: Any) -> None:
     _signal.signal(_signal.SIGTERM, lambda signum, _frame: terminated.append(signum))
     cfg = load_config(config_path)
     setup_logging(cfg, process=f"receiver-{os.getpid()}")
+    metrics.init(cfg)
     parent = os.getppid()
     rx = Receiver(cfg, Store(cfg.data_dir, fsync=cfg.node.fsync), reuse_port=True)
+    if ended is not None:
+        rx.on_association_end = ended.set  # the service's assembler sweeps when it is set
     rx.start()
     mtime = cfg.path.stat().st_mtime_ns if cfg.path else None
     while not terminated and not stop.wait(0.5) and os.getppid() == parent:

@@ -7,9 +7,11 @@ import threading
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import structlog
 
+from . import audit, metrics
 from .config import Config, Destination
 from .dimse import requestor
 from .outbox import Outbox
@@ -52,11 +54,11 @@ def send_files(cfg: Config, dest: Destination, paths: list[Path]) -> tuple[list[
 class Sender:
     """Background thread: sends due outbox rows, one association per destination per round."""
 
-    def __init__(self, cfg: Config, outbox: Outbox) -> None:
+    def __init__(self, cfg: Config, outbox: Outbox, wake: Any = None) -> None:
         self.cfg = cfg
         self.outbox = outbox
         self._stop = threading.Event()
-        self._wake = threading.Event()
+        self._wake = wake if wake is not None else threading.Event()  # a process-shared event lets the worker wake us
         self._thread: threading.Thread | None = None
         self.sent = 0
 
@@ -84,6 +86,32 @@ class Sender:
                 self._wake.wait(self.cfg.sender.poll_interval)
                 self._wake.clear()
 
+    def _account(self, name: str, dest: Destination, items: list[dict], kept: list[int], errors: dict[int, str]) -> None:
+        """Metrics and one audit event per object; a study whose results are all in observes its end-to-end time."""
+        metrics.objects_sent(name, len(kept), len(errors))
+        for i, error in [(i, None) for i in kept] + sorted(errors.items()):
+            r = items[i]
+            audit.record("object_delivered", "success" if error is None else "minor_failure", study_uid=r["study_uid"],
+                         sop_uid=r["sop_uid"], sop_class_uid=r["sop_class_uid"], destination=name,
+                         destination_ae=dest.ae_title, destination_host=dest.host,
+                         status="acknowledged" if error is None else error[:200])
+        now = time.time()
+        for study_uid in sorted({items[i]["study_uid"] for i in kept}):
+            completed_at = self._settled(study_uid, name)
+            if completed_at is not None:
+                metrics.study_delivered(name, max(0.0, now - completed_at))
+                log.info("study_delivered", study_uid=study_uid, destination=name, seconds=round(now - completed_at, 3))
+
+    def _settled(self, study_uid: str, destination: str) -> float | None:
+        """When every result of a study has reached ``destination``: the time the study was complete; else None."""
+        from .index import Index
+        from .queue import JobQueue
+
+        db = self.outbox.store.db
+        if Outbox.waiting(db, study_uid, destination) or JobQueue.open_work(db, study_uid):
+            return None
+        return Index.completed_at(db, study_uid)
+
     def round(self) -> bool:
         rows = self.outbox.due()
         if not rows:
@@ -105,6 +133,7 @@ class Sender:
             if assoc_error:
                 self.outbox.mark_failed([r["id"] for r in items], assoc_error)
                 log.warning("send_deferred", destination=name, objects=len(items), reason=assoc_error)
+                self._account(name, dest, items, [], dict.fromkeys(range(len(items)), assoc_error))
                 continue
             self.outbox.mark_sent([items[i]["id"] for i in kept])
             self.sent += len(kept)
@@ -113,5 +142,6 @@ class Sender:
             if errors:
                 self.outbox.mark_failed([items[i]["id"] for i in errors], "; ".join(sorted(set(errors.values())))[:500])
                 log.warning("send_failed", destination=name, objects=len(errors), reason=next(iter(errors.values())))
+            self._account(name, dest, items, kept, errors)
             log.info("send_round", destination=name, sent=len(kept), failed=len(errors), seconds=round(time.monotonic() - t0, 3))
         return True

@@ -9,6 +9,7 @@ import time
 
 import structlog
 
+from . import audit, metrics
 from .assembler import Assembler, RulesHolder
 from .config import Config
 from .heartbeat import Heartbeat
@@ -41,8 +42,12 @@ class Node:
         self.receiver = Receiver(cfg, self.store, reuse_port=shared_port)
         self._extra_receivers: list = []
         self._receivers_stop = None
-        self.sender = Sender(cfg, self.outbox)
-        self.workers = [WorkerProcess(cfg.path) for _ in range(cfg.analyzers.workers)]
+        import multiprocessing as mp
+
+        delivered = mp.get_context("spawn").Event()  # the worker sets it when results are in the outbox
+        self.sender = Sender(cfg, self.outbox, wake=delivered)
+        self.workers = [WorkerProcess(cfg.path, delivered) for _ in range(cfg.analyzers.workers)]
+        self.health: metrics.HealthServer | None = None
         self._stop = threading.Event()
         self._watch: threading.Thread | None = None
         self._config_mtime = cfg.path.stat().st_mtime_ns
@@ -63,6 +68,8 @@ class Node:
         from .registry import check_templates
 
         self._lock_data_dir()
+        metrics.init(self.cfg, fresh=True)  # before the worker and receivers start writing theirs
+        audit.init(self.cfg)
         for name, problem in check_templates(self.cfg).items():
             log.error("analyzer_unavailable", analyzer=name, error=problem,
                       note="the node runs without it; its jobs fail with this error until it is fixed")
@@ -71,6 +78,10 @@ class Node:
         log.info("node_starting", ae_title=self.cfg.node.ae_title, port=self.cfg.node.port, data_dir=str(self.cfg.data_dir),
                  rules=len(self.rules.rules.rules), reindexed=recovered, jobs_requeued=requeued, pid=os.getpid())
         self.receiver.start()  # first: a port already in use stops the start before anything else runs
+        if self.cfg.metrics.enabled:
+            self.health = metrics.HealthServer(self.cfg, lambda: metrics.readiness(self), lambda: sorted(self.cfg.destinations))
+            self.health.start()
+        self.receiver.on_association_end = self.assembler.wake
         self._start_extra_receivers()
         for w in self.workers:
             w.start()
@@ -81,6 +92,7 @@ class Node:
                                        "ae_title": self.cfg.node.ae_title, "state": "running"})
         self._watch = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
         self._watch.start()
+        audit.record("node_started", port=self.receiver.port, pid=os.getpid())
         log.info("node_ready", port=self.receiver.port)
 
     def _start_extra_receivers(self) -> None:
@@ -93,11 +105,19 @@ class Node:
 
         ctx = mp.get_context("spawn")
         self._receivers_stop = ctx.Event()
+        ended = ctx.Event()  # an association ended in another receiver process: sweep now
+        threading.Thread(target=self._relay, args=(ended,), name="assembly-wake", daemon=True).start()
         for _ in range(self.cfg.node.receivers - 1):
-            p = ctx.Process(target=receiver_process_main, args=(str(self.cfg.path), self._receivers_stop),
+            p = ctx.Process(target=receiver_process_main, args=(str(self.cfg.path), self._receivers_stop, ended),
                             name="dicomnode-receiver", daemon=True)
             p.start()
             self._extra_receivers.append(p)
+
+    def _relay(self, ended) -> None:
+        while not self._stop.is_set():
+            if ended.wait(1.0):
+                ended.clear()
+                self.assembler.wake()
 
     def _wake_workers(self) -> None:
         for w in self.workers:
@@ -114,6 +134,7 @@ class Node:
                         pid = w.proc.pid if w.proc else None
                         self._recover_jobs_of(pid, "the worker process died while running this job")
                         w.restarts += 1
+                        metrics.worker_restarted()
                         log.error("worker_died", pid=pid, exitcode=w.proc.exitcode if w.proc else None, restarts=w.restarts)
                         w.start()
                 self._time_out_jobs()
@@ -199,7 +220,10 @@ class Node:
             if not w.stop(grace):
                 self._recover_jobs_of(pid, "interrupted by the node stopping; it will run again")
         self.sender.stop(timeout=grace)
+        if self.health is not None:
+            self.health.stop()
         self.heartbeat.set("node", {"pid": os.getpid(), "state": "stopped", "stopped_at": time.time()})
+        audit.record("node_stopped", pid=os.getpid())
         log.info("node_stopped")
 
     def serve_forever(self) -> None:

@@ -10,18 +10,21 @@ or delivers exactly what was committed.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import shutil
 import signal
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import structlog
 
+from . import audit, metrics
 from .analysis import Analysis, AnalysisContext, Analyzer, NotApplicable, run_analyses
 from .config import Config, load_config
 from .queue import Job, JobQueue
+from .heartbeat import Heartbeat
 from .store import Store
 
 log = structlog.get_logger("dicomnode.worker")
@@ -49,17 +52,50 @@ class Worker:
         self._analyzers: dict[str, Analyzer] = {}
         self._templates: dict[str, Any] = {}
         self._ctx = None
+        self.on_delivered: Callable[[], None] = lambda: None  # wakes the sender in the service's process
 
     def analyzer(self, name: str) -> Analyzer:
         if name not in self._analyzers:
             from .registry import build
 
-            a = build(name, self.cfg)
             t0 = time.monotonic()
-            a.load()
+            try:
+                a = build(name, self.cfg)
+                a.load()
+            except Exception:
+                metrics.model_load_failed(name)
+                raise
             log.info("analyzer_loaded", analyzer=name, version=a.version, seconds=round(time.monotonic() - t0, 2))
             self._analyzers[name] = a
         return self._analyzers[name]
+
+    def warm_up(self) -> dict[str, str]:
+        """Load the analyzers the rules name, before the first job, and tell the index (for /readyz).
+
+        Returns ``{analyzer: error}`` for those that failed to load; their jobs fail with the same error.
+        """
+        from .registry import analyzer_names
+        from .router import RuleSet
+
+        key = f"worker:{os.getpid()}"
+        Heartbeat(self.store).set(key, {"pid": os.getpid(), "state": "loading"})
+        try:
+            wanted = {a for rule in RuleSet.load(self.cfg.rules_path).rules for a in rule.analyzers}
+        except Exception:
+            wanted = set()  # the service reports a broken rules file; nothing to warm up for it
+        failed: dict[str, str] = {}
+        from .encoders import encode_result  # noqa: F401  (its imports would otherwise land on the first job)
+
+        for name in sorted(wanted & set(analyzer_names(self.cfg))):
+            try:
+                self.analyzer(name)
+                self._context(name)
+            except Exception as exc:
+                failed[name] = f"{type(exc).__name__}: {exc}"
+                log.error("analyzer_load_failed", analyzer=name, error=failed[name])
+        Heartbeat(self.store).set(key, {"pid": os.getpid(), "state": "ready", "loaded": sorted(self._analyzers),
+                                    "failed": failed})
+        return failed
 
     def run_one(self) -> bool:
         """Claim the next job (with queued first attempts of the same analyzer when it batches) and run it."""
@@ -89,6 +125,7 @@ class Worker:
         t0 = time.monotonic()
         ready: list[tuple[Job, Any, Path]] = []
         for job in jobs:
+            metrics.job_claimed(self.store, job.id, job.analyzer)
             log.info("job_started", job=job.id, study_uid=job.study_uid, analyzer=job.analyzer, attempt=job.attempts,
                      batch=len(jobs))
             out_dir = self.store.results / str(job.id)
@@ -110,6 +147,7 @@ class Worker:
                 self._settle(job, exc, out_dir)
             return
         outcomes = run_analyses(self.analyzer(name), [study for _, study, _ in ready], context)
+        metrics.analysis_took(name, next((o.analyze_seconds for o in outcomes if isinstance(o, Analysis)), None))
         for (job, _, out_dir), outcome in zip(ready, outcomes):
             if isinstance(outcome, BaseException):
                 self._settle(job, outcome, out_dir)
@@ -122,6 +160,7 @@ class Worker:
             log.info("job_finished", job=job.id, study_uid=job.study_uid, analyzer=job.analyzer,
                      objects=n_objects, analyze_seconds=round(outcome.analyze_seconds, 3), batch=len(ready),
                      seconds=round(time.monotonic() - t0, 3), review_required=outcome.result.review_required)
+            self._audit(job, "done", objects=n_objects, review_required=bool(outcome.result.review_required))
 
     def _context(self, name: str) -> AnalysisContext:
         """The encoder context and the analyzer's SR template, made once and kept."""
@@ -135,6 +174,7 @@ class Worker:
 
     def _deliver(self, job: Job, analysis: Analysis, out_dir: Path) -> int:
         """Write a job's result objects durably and hand them to the outbox as the job finishes; returns the object count."""
+        t0 = time.monotonic()
         rows = []
         for ds in analysis.datasets:
             path = out_dir / f"{ds.SOPInstanceUID}.dcm"
@@ -145,7 +185,9 @@ class Worker:
                              "path": str(path)})
         summary = analysis.result.summary()
         summary["objects"] = len(analysis.datasets)
+        metrics.encode_took(job.analyzer, analysis.encode_seconds + time.monotonic() - t0)
         self.queue.finish(job.id, rows, summary)
+        self.on_delivered()
         return len(analysis.datasets)
 
     def _settle(self, job: Job, exc: BaseException, out_dir: Path) -> None:
@@ -153,6 +195,7 @@ class Worker:
         if isinstance(exc, NotApplicable):
             self.queue.not_applicable(job.id, f"not applicable: {exc}")
             log.info("job_not_applicable", job=job.id, study_uid=job.study_uid, analyzer=job.analyzer, reason=str(exc))
+            self._audit(job, "not_applicable")
             return
         shutil.rmtree(out_dir, ignore_errors=True)
         error = f"{type(exc).__name__}: {exc}"
@@ -160,6 +203,20 @@ class Worker:
         trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=5))
         log.error("job_failed", job=job.id, study_uid=job.study_uid, analyzer=job.analyzer, error=error,
                   outcome=outcome, trace=trace[-1500:])
+        self._audit(job, "failed" if outcome == "failed" else "retry")
+
+    def _audit(self, job: Job, result: str, **fields: Any) -> None:
+        """The job's metric and its audit event: rule, analyzer and model versions with sha256, outcome."""
+        metrics.job_finished(job.analyzer, result)
+        analyzer = self._analyzers.get(job.analyzer)
+        try:
+            models = [{"name": m.name, "version": m.version, "sha256": m.sha256} for m in analyzer.models()] if analyzer else []
+        except Exception:
+            models = []  # an analyzer that cannot describe its models still gets its event
+        outcome = {"done": "success", "not_applicable": "success", "retry": "minor_failure"}.get(result, "failure")
+        audit.record("analysis", outcome, study_uid=job.study_uid, job=job.id, attempt=job.attempts, rule=job.rule,
+                     analyzer=job.analyzer, analyzer_version=getattr(analyzer, "version", None), models=models,
+                     result=result, **fields)
 
 
 def _encode(ds) -> bytes:
@@ -170,8 +227,8 @@ def _encode(ds) -> bytes:
     return buf.getvalue()
 
 
-def worker_main(config_path: str, stop: Any, wake: Any) -> None:
-    """Entry point of the worker process."""
+def worker_main(config_path: str, stop: Any, wake: Any, delivered: Any = None) -> None:
+    """Entry point of the worker process; ``delivered`` (an event) wakes the sender when results are in the outbox."""
     terminated: list[int] = []  # a signal handler must not take the shared events' locks
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the service decides when we stop
     signal.signal(signal.SIGTERM, lambda signum, _frame: terminated.append(signum))
@@ -179,8 +236,13 @@ def worker_main(config_path: str, stop: Any, wake: Any) -> None:
 
     cfg = load_config(config_path)
     setup_logging(cfg, process="worker")
+    metrics.init(cfg)
+    audit.init(cfg)
     worker = Worker(cfg)
+    if delivered is not None:
+        worker.on_delivered = delivered.set
     log.info("worker_started")
+    worker.warm_up()
     while not terminated and not stop.is_set():
         try:
             busy = worker.run_one()
@@ -196,17 +258,18 @@ def worker_main(config_path: str, stop: Any, wake: Any) -> None:
 class WorkerProcess:
     """The service's handle on the worker process: start, watch, restart, stop."""
 
-    def __init__(self, config_path: Path) -> None:
+    def __init__(self, config_path: Path, delivered: Any = None) -> None:
         self.config_path = config_path
         self._ctx = mp.get_context("spawn")
         self.stop_event = self._ctx.Event()
         self.wake_event = self._ctx.Event()
+        self.delivered = delivered
         self.proc: mp.process.BaseProcess | None = None
         self.restarts = 0
 
     def start(self) -> None:
         self.stop_event.clear()
-        self.proc = self._ctx.Process(target=worker_main, args=(str(self.config_path), self.stop_event, self.wake_event),
+        self.proc = self._ctx.Process(target=worker_main, args=(str(self.config_path), self.stop_event, self.wake_event, self.delivered),
                                       name="dicomnode-worker", daemon=False)
         self.proc.start()
 

@@ -77,12 +77,14 @@ def echoscu(port: int, aet: str = "ECHOSCU", aec: str = "DICOMNODE") -> subproce
 class Orthanc:
     """A private Orthanc on free loopback ports, standing in for the hospital PACS."""
 
-    def __init__(self, workdir: Path, aet: str = "PACS", modalities: dict[str, list[Any]] | None = None) -> None:
+    def __init__(self, workdir: Path, aet: str = "PACS", modalities: dict[str, list[Any]] | None = None,
+                 lua_scripts: list[Path] | None = None) -> None:
         self.workdir = Path(workdir)
         self.aet = aet
         self.dicom_port = free_port()
         self.http_port = free_port()
         self.modalities = modalities or {}
+        self.lua_scripts = [str(p) for p in lua_scripts or []]
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -109,6 +111,7 @@ class Orthanc:
             "HttpTimeout": 60,
             "StableAge": 1,
             "SaveJobs": False,
+            "LuaScripts": self.lua_scripts,
         }
         (self.workdir / "orthanc.json").write_text(json.dumps(conf, indent=2))
         log = open(self.workdir / "orthanc.log", "ab")

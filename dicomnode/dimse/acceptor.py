@@ -223,6 +223,8 @@ class StorageSCP:
         Server-side TLS context; the handshake runs in the gate, within the network timeout.
     on_association : callable, optional
         Called with an :class:`AssociationInfo` when an established association ends.
+    on_reject : callable, optional
+        Called with the reason (as logged) when an association request is rejected.
     accept_sop_class : callable
         Decides, per proposed abstract syntax, whether a storage context is accepted.
     incoming : callable, optional
@@ -242,6 +244,7 @@ class StorageSCP:
                  max_associations: int = 16, max_pdu: int = 1 << 20, network_timeout: float = 60,
                  reuse_port: bool = False, ssl_context: ssl.SSLContext | None = None,
                  on_association: Callable[[AssociationInfo], None] | None = None,
+                 on_reject: Callable[[str], None] | None = None,
                  accept_sop_class: Callable[[str], bool] = lambda uid: True,
                  incoming: Callable[[StoreRequest], Any] | None = None, incoming_after: int = 1 << 20,
                  max_waiting: int = 256) -> None:
@@ -262,6 +265,7 @@ class StorageSCP:
         self.reuse_port = reuse_port
         self.ssl_context = ssl_context
         self.on_association = on_association
+        self.on_reject = on_reject
         self.accept_sop_class = accept_sop_class
         self.incoming = incoming
         self.incoming_after = incoming_after
@@ -348,6 +352,8 @@ class StorageSCP:
             log.warning("association_rejected", calling_ae=rq.calling_ae, called_ae=rq.called_ae, host=host,
                         reason=_REJECT_TEXT[reject])
             gate.answer(sock, address, encode_associate_rj(*reject))
+            if self.on_reject is not None:
+                self.on_reject(_REJECT_TEXT[reject])
             return
         started, thread = False, None
         try:  # the slot was taken by _check: whatever happens now, it and the socket are given back
