@@ -6,6 +6,7 @@ import os
 import time
 from typing import Any
 
+from .. import metrics
 from ..config import Config
 from ..heartbeat import Heartbeat
 from ..outbox import Outbox
@@ -73,6 +74,7 @@ def report(cfg: Config) -> dict[str, Any]:
         state["rules"] = f"{len(RuleSet.load(cfg.rules_path).rules)} rules in {cfg.rules_path}"
     except RulesError as exc:
         state["rules"] = f"INVALID: {exc}"
+    state["metrics"] = metrics.summary(cfg)  # the counters /metrics serves, since the node last started
     return state
 
 

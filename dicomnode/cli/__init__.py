@@ -17,7 +17,8 @@ import sys
 from typing import Callable, Sequence
 
 from . import analyze, callers, destinations, jobs, models, outbox, peers, rules, serve, status, studies
-from .common import EXIT_FAIL, EXIT_USAGE, CliError, opts
+from .changes import audit_change
+from .common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, CliError, opts
 
 # in the order `dicomnode --help` lists them
 NOUNS = (serve, peers, analyze, status, rules, studies, jobs, outbox, destinations, callers, models)
@@ -48,7 +49,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # stdout is the command's answer (tables, JSON); events go to stderr, warnings and worse only
         setup_logging(None, process="cli", level=os.environ.get("DICOMNODE_LOG_LEVEL", "WARNING"), fmt="console")
     try:
-        return func(args)
+        code = func(args)
+        if code == EXIT_OK:
+            audit_change(args)
+        return code
     except CliError as exc:
         print(f"dicomnode: {exc}", file=sys.stderr)
         return exc.code

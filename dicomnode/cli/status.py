@@ -22,6 +22,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"jobs:   {depths(state['jobs'])}")
         print(f"outbox: {depths(state['outbox'])}")
         print(f"rules:  {state['rules']}")
+        m = state.get("metrics")
+        if m:
+            e2e = m["study_to_delivery_seconds"]
+            print(f"since start: {m['instances_received']} instances ({m['bytes_received'] / 1e6:.1f} MB) received, "
+                  f"{m['studies_completed']} studies complete, jobs {depths(m['jobs_finished'])}, "
+                  f"{m['objects_sent']} objects sent, {m['worker_restarts']} worker restarts")
+            if e2e["count"]:
+                print(f"study complete -> last result acknowledged: median {e2e['p50']} s, p95 {e2e['p95']} s "
+                      f"({e2e['count']} studies)")
         err = state.get("last_error")
         print("last error: " + (f"{err.get('error')} (job {err.get('job')}, {ago(err.get('at'))})" if err else "none"))
     return EXIT_OK if state["up"] else EXIT_FAIL

@@ -184,6 +184,19 @@ def test_metrics_change_as_a_study_goes_through(node, pacs, tmp_path):
     assert after['dicomnode_outbox_oldest_pending_age_seconds{destination="pacs"}'] == 0
     assert after.get("dicomnode_worker_restarts_total", 0) == 0
 
+    # `dicomnode status` reads the same numbers
+    r = node.cli("status", "--json")
+    assert r.returncode == 0, r.stderr
+    m = json.loads(r.stdout)["metrics"]
+    assert m["instances_received"] == after["dicomnode_instances_received_total"]
+    assert m["bytes_received"] == after["dicomnode_received_bytes_total"]
+    assert m["objects_sent"] == 3 and m["studies_completed"] == 1 and m["jobs_finished"] == {"done": 1}
+    assert m["associations"] == {"accepted": 2, "rejected": 1} and m["cstore_failures"] == {"0xC000": 1}
+    assert m["study_to_delivery_seconds"]["count"] == 1
+    assert m["study_to_delivery_seconds"]["mean"] == round(after['dicomnode_study_to_delivery_seconds_sum{destination="pacs"}'], 3)
+    text = node.cli("status").stdout
+    assert "since start: 3 instances" in text and "study complete -> last result acknowledged: median" in text
+
     # no polling between stages: from study complete to the last result acknowledged by Orthanc,
     # with a sender that would otherwise wait up to 5 s, the node adds little to analysis and encoding
     e2e = after['dicomnode_study_to_delivery_seconds_sum{destination="pacs"}']
@@ -387,3 +400,17 @@ def test_the_compose_stacks_orthanc_script_routes_studies_to_the_node_and_keeps_
     finally:
         n.stop()
         orthanc.stop()
+
+
+def test_admin_changes_are_audited_with_the_user(tmp_path, monkeypatch):
+    n = NodeProcess(tmp_path / "node", rules=RULES, config=node_config(free_port()))
+    n.data_dir.mkdir(parents=True)
+    monkeypatch.setenv("SUDO_USER", "alice")
+    assert n.cli("rules", "list").returncode == 0
+    r = n.cli("rules", "add", "cr-extra", "--match", "Modality=DX", "--analyzer", "intensity_probe")
+    assert r.returncode == 0, r.stderr
+    assert n.cli("rules", "disable", "cr-extra").returncode == 0
+    assert n.cli("rules", "remove", "nope").returncode != 0  # refused: nothing changed, nothing recorded
+    events = audit_events(n)
+    assert [(e["event"], e["action"], e["target"], e["user"]) for e in events] == [
+        ("admin_change", "rules add", "cr-extra", "alice"), ("admin_change", "rules disable", "cr-extra", "alice")]
