@@ -18,16 +18,21 @@ LABELS = (
 )
 """ChestX-ray14 labels in the paper's (and the dataset's usual) output order."""
 
-SYNTHESISED = ("Cardiomegaly", "Effusion", "Mass", "Nodule", "Pneumothorax", "Consolidation")
-"""Labels the phantom generator can draw; the bundled weights judge only these."""
+NIH_LABELS = ("Atelectasis", "Effusion", "Infiltration", "Pneumonia", "Edema")
+"""Labels the classifier head is trained on from NIH ChestX-ray14 images (enough positives in the bundled set)."""
 
-SEG_CLASSES = ("background", "right_lung", "left_lung", "heart")
+SYNTHESISED = ("Cardiomegaly", "Effusion", "Mass", "Nodule", "Pneumothorax", "Consolidation")
+"""Labels the phantom generator can draw."""
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INPUT_SIZE = 224
 
 SEGMENTS = ("right_lung", "left_lung", "heart")
-"""Mask channels in order; the patient's right lung is on the image's left (PA display)."""
+"""The U-Net's output channels in order, independent sigmoids (the cardiomediastinal "heart" overlaps the
+lungs' medial edges); the patient's right lung is on the image's left (PA display)."""
 SEGMENTER = "lung_heart_unet"
 CLASSIFIER = "thoracic_classifier"
+
+CTR_CARDIOMEGALY = 0.5
+"""Cardiothoracic ratio above which the heart is called enlarged (PA convention)."""

@@ -25,6 +25,14 @@ from PIL import Image
 from .constants import LABELS
 
 _ALIASES = {"Pleural Thickening": "Pleural_Thickening", "PleuralThickening": "Pleural_Thickening"}
+_COLUMNS = {"image": "Image Index", "finding_labels": "Finding Labels", "view": "View Position", "patient_id": "Patient ID"}
+"""Lower-case column names (the bundled set's ``labels.csv``) to the Data_Entry_2017 ones."""
+
+SPLIT_SEED = 14
+MASK_VAL, MASK_TEST = 0.12, 0.2
+"""Fractions of the mask set's images held out for validation and for the test figures."""
+CXR14_VAL, CXR14_TEST = 0.15, 0.2
+"""Fractions of the ChestX-ray14 patients held out for validation (operating points) and for the test figures."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +86,7 @@ def read_chestxray14(csv_path: Path, image_dir: Path | None = None, views: tuple
     out = []
     with _open_text(csv_path) as f:
         reader = csv.DictReader(f)
+        reader.fieldnames = [_COLUMNS.get(c.strip(), c.strip()) for c in reader.fieldnames or ()]
         need = {"Image Index", "Finding Labels"}
         if not need <= set(reader.fieldnames or ()):
             raise ValueError(f"{csv_path} is not a ChestX-ray14 Data_Entry table: it lacks {sorted(need - set(reader.fieldnames or ()))}")
@@ -160,3 +169,71 @@ def load_jsrt_image(path: Path, size: int = 2048) -> np.ndarray:
         raise ValueError(f"{path} has {raw.size} pixels; a JSRT image has {size}x{size}")
     img = raw.reshape(size, size).astype(np.float32) / 4095.0
     return np.clip(1.0 - img, 0, 1)
+
+
+def split_by_group(groups: np.ndarray, seed: int = SPLIT_SEED, val: float = 0.15, test: float = 0.2) -> np.ndarray:
+    """``"train"``, ``"val"`` or ``"test"`` per row, whole groups (patients, images) to one split.
+
+    The groups are sorted and shuffled with ``seed``, so the same table gives the same
+    split on every machine; training and evaluation both call this.
+    """
+    keys = np.asarray(sorted({str(g) for g in groups}))
+    order = np.random.default_rng(seed).permutation(len(keys))
+    n_test, n_val = int(round(test * len(keys))), int(round(val * len(keys)))
+    part = {}
+    for rank, k in enumerate(order):
+        part[keys[k]] = "test" if rank < n_test else ("val" if rank < n_test + n_val else "train")
+    return np.asarray([part[str(g)] for g in groups])
+
+
+@dataclass(frozen=True)
+class MaskCase:
+    """One radiograph of a lung/heart mask set."""
+
+    stem: str
+    image: Path
+    masks: tuple[Path, Path, Path] | None
+    """right lung, left lung, heart files; None for the JSRT/SCR layout (see ``root``)."""
+    root: Path | None = None
+
+    def load(self) -> tuple[np.ndarray, np.ndarray]:
+        """The image as float32 [0, 1] dense bright and (3, rows, cols) bool masks at its size."""
+        img = load_jsrt_image(self.image) if self.image.suffix.upper() == ".IMG" else load_png(self.image)
+        if self.masks is None:
+            masks = read_jsrt_masks(self.root, self.stem)
+        else:
+            masks = []
+            for path in self.masks:
+                with Image.open(path) as im:
+                    masks.append(np.asarray(im.convert("L")) > 127)
+            masks = np.stack(masks)
+        if masks.shape[1:] != img.shape:
+            masks = np.stack([np.asarray(Image.fromarray(m).resize(img.shape[::-1], Image.NEAREST)) for m in masks])
+        return img, masks
+
+
+def read_mask_folder(root: Path) -> list[MaskCase]:
+    """Radiographs with right lung, left lung and heart masks under ``root``, sorted by stem.
+
+    Two layouts: ``images/<stem>.png`` with ``masks/<stem>_right_lung.png``, ``_left_lung.png``
+    and ``_heart.png``; or JSRT/SCR (``<case>.png``/``.IMG`` images under ``root`` or
+    ``root/images``, masks in ``right lung``/``left lung``/``heart`` folders). A case without
+    all three masks is left out.
+    """
+    root = Path(root)
+    cases = []
+    masks_dir = root / "masks"
+    for img in sorted((root / "images").glob("*.png")) if (root / "images").is_dir() else []:
+        paths = tuple(masks_dir / f"{img.stem}_{s}.png" for s in ("right_lung", "left_lung", "heart"))
+        if all(p.is_file() for p in paths):
+            cases.append(MaskCase(img.stem, img, paths))
+    if cases:
+        return cases
+    for folder in (root, root / "images"):
+        for img in sorted(list(folder.glob("*.png")) + list(folder.glob("*.IMG"))) if folder.is_dir() else []:
+            try:
+                read_jsrt_masks(root, img.stem)
+            except FileNotFoundError:
+                continue
+            cases.append(MaskCase(img.stem, img, None, root))
+    return cases

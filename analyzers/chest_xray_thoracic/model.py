@@ -10,20 +10,20 @@ Classification" (BMC Med Imaging 2021):
   mean; a convolution of the six maps, sigmoid, multiplied into the image)
   followed by DenseNet-121, whose last convolutional feature map is the global
   attention map F_g;
-- the mask, pooled to F_g's size and binarised, is ANDed with F_g to give the
-  local attention map F_l; average pooling and a fully connected layer give 14
-  sigmoid outputs.
+- the mask is pooled to F_g's size by average pooling (each feature cell gets
+  the fraction of its pixels inside the lungs and heart) and multiplied into
+  F_g to give the local attention map F_l; average pooling and a fully
+  connected layer on F_l alone give 14 sigmoid outputs.
 
 The DenseNet keeps torchvision's module names (``features.denseblock1.denselayer1
 .conv1`` ...), so a checkpoint trained on ChestX-ray14 with torchvision's layout
 loads with :func:`import_torchvision_densenet`. Widths are configurable: the
 bundled phantom-trained weights use a small DenseNet to stay a few megabytes.
 
-Beyond the paper, the head weighs global and local features together
-(``logit = W_l * avg(F_l) + W_g * avg(F_g) + b``); with ``W_g = 0`` it is the
-paper's local-only head. Both terms are linear in the feature maps, so the
-class activation map ``W_l F_l + W_g F_g`` restricted to the mask is exact
-evidence for the logit; it is computed inside the exported graph.
+The logits come from the weighted features only (``logit = W avg(F_l) + b``),
+as in the paper: a feature cell outside the lungs and heart contributes
+nothing. The head is linear in F_l, so the class activation map ``W F_l`` is
+exact evidence for the logit; it is computed inside the exported graph.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .constants import IMAGENET_MEAN, IMAGENET_STD, INPUT_SIZE, LABELS, SEG_CLASSES, SYNTHESISED  # noqa: F401 (re-exported)
+from .constants import IMAGENET_MEAN, IMAGENET_STD, INPUT_SIZE, LABELS, SEGMENTS, SYNTHESISED  # noqa: F401 (re-exported)
 
 
 # ---------------------------------------------------------------------------
@@ -56,14 +56,14 @@ def _double_conv(cin: int, cout: int) -> nn.Sequential:
 
 
 class UNet(nn.Module):
-    """Ronneberger's U-Net with ``depth`` poolings; outputs per-pixel logits of SEG_CLASSES.
+    """Ronneberger's U-Net with ``depth`` poolings; outputs one per-pixel logit per structure of SEGMENTS.
 
     ``downsample`` > 1 runs the U-Net on an average-pooled copy of the input and
     upsamples the logits bilinearly (lungs and heart are smooth shapes; this
     keeps CPU training and inference cheap). 1 is the paper's full-resolution net.
     """
 
-    def __init__(self, in_channels: int = 3, classes: int = len(SEG_CLASSES), base: int = 8, depth: int = 4, downsample: int = 1) -> None:
+    def __init__(self, in_channels: int = 3, classes: int = len(SEGMENTS), base: int = 8, depth: int = 4, downsample: int = 1) -> None:
         super().__init__()
         self.downsample = downsample
         widths = [base * 2**i for i in range(depth + 1)]
@@ -91,23 +91,24 @@ class UNet(nn.Module):
 
 
 class SegmenterExport(nn.Module):
-    """The U-Net as exported: image in, class probabilities out."""
+    """The U-Net as exported: image in, one probability per structure out (they may overlap)."""
 
     def __init__(self, unet: UNet) -> None:
         super().__init__()
         self.unet = unet
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.unet(image), dim=1)
+        return torch.sigmoid(self.unet(image))
 
 
-def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
-    """1 - mean soft Dice over the foreground classes (target: class indices)."""
-    prob = torch.softmax(logits, dim=1)[:, 1:]
-    onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).float()[:, 1:]
-    inter = (prob * onehot).sum(dim=(0, 2, 3))
-    denom = prob.sum(dim=(0, 2, 3)) + onehot.sum(dim=(0, 2, 3))
-    return 1.0 - ((2 * inter + eps) / (denom + eps)).mean()
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1.0) -> torch.Tensor:
+    """1 - mean soft Dice per structure (``target``: (N, S, H, W) 0/1); ``weight`` (N, S) leaves out unknown structures."""
+    prob = torch.sigmoid(logits)
+    w = torch.ones(target.shape[:2], device=target.device) if weight is None else weight
+    inter = (prob * target).sum(dim=(2, 3))
+    denom = prob.sum(dim=(2, 3)) + target.sum(dim=(2, 3))
+    per = 1.0 - (2 * inter + eps) / (denom + eps)
+    return (per * w).sum() / w.sum().clamp_min(1.0)
 
 
 # ---------------------------------------------------------------------------
@@ -244,34 +245,30 @@ class ThoracicClassifier(nn.Module):
 
     ``forward(image, mask)`` takes the normalised image (N, 3, 224, 224) and the
     binary lung-and-heart mask (N, 1, 224, 224) and returns logits (N, 14) and
-    the class activation maps (N, 14, h, w) on the feature grid, restricted to
+    the class activation maps (N, 14, h, w) on the feature grid, zero outside
     the mask.
     """
 
-    def __init__(self, cfg: DenseNetConfig = DENSENET121, classes: int = len(LABELS), mask_threshold: float = 0.1, dropout: float = 0.0) -> None:
+    def __init__(self, cfg: DenseNetConfig = DENSENET121, classes: int = len(LABELS), dropout: float = 0.0) -> None:
         super().__init__()
         self.cfg = cfg
-        self.mask_threshold = mask_threshold
         self.attention = MultiScaleAttention()
         self.features = densenet_features(cfg)
-        c = cfg.num_features
-        self.classifier = nn.Linear(c, classes)  # on the local attention map F_l (the paper's head)
-        self.global_classifier = nn.Linear(c, classes, bias=False)  # on F_g (feature weighting)
+        self.classifier = nn.Linear(cfg.num_features, classes)  # on the local attention map F_l only
         self.dropout = nn.Dropout(dropout)
 
     def feature_maps(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """F_g, F_l = F_g * M_g and M_g, the mask's fraction per feature cell (the paper's adaptive average pooling)."""
         x, _ = self.attention(image)
         fg = F.relu(self.features(x))
-        pooled = F.avg_pool2d(mask, self.cfg.stride, ceil_mode=True)  # the paper's adaptive pooling, fixed-stride for export
-        mg = (pooled > self.mask_threshold).to(fg.dtype)  # logical AND of the binary mask with F_g
+        mg = F.avg_pool2d(mask, self.cfg.stride, ceil_mode=True)  # fixed stride: the same cells as adaptive pooling at 224, and exportable
         return fg, fg * mg, mg
 
     def forward(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        fg, fl, mg = self.feature_maps(image, mask)
-        fg_d, fl_d = self.dropout(fg), self.dropout(fl)
-        logits = self.classifier(fl_d.mean(dim=(2, 3))) + self.global_classifier(fg_d.mean(dim=(2, 3)))
-        cam = torch.einsum("kc,nchw->nkhw", self.classifier.weight, fl) + torch.einsum("kc,nchw->nkhw", self.global_classifier.weight, fg)
-        return logits, cam * mg
+        _, fl, mg = self.feature_maps(image, mask)
+        logits = self.classifier(self.dropout(fl).mean(dim=(2, 3)))
+        cam = torch.einsum("kc,nchw->nkhw", self.classifier.weight, fl)
+        return logits, cam * (mg > 0).to(cam.dtype)
 
 
 class ClassifierExport(nn.Module):
@@ -335,22 +332,20 @@ def infer_config(state: dict[str, torch.Tensor]) -> DenseNetConfig:
     return DenseNetConfig(growth_rate=growth, block_config=tuple(blocks), num_init_features=init, bn_size=bn_size)
 
 
-def import_torchvision_densenet(state: dict[str, torch.Tensor], head: str = "global") -> ThoracicClassifier:
+def import_torchvision_densenet(state: dict[str, torch.Tensor]) -> ThoracicClassifier:
     """Build a :class:`ThoracicClassifier` from a torchvision-layout DenseNet state dict.
 
-    The ``features.*`` tensors are copied one to one; ``classifier`` (Linear(C,
-    14)) becomes the global head (``head="global"``, default: the network then
-    reproduces the checkpoint's own predictions, the local head starting at zero)
-    or the paper's local head (``head="local"``). The attention module, which a
-    plain DenseNet checkpoint lacks, is set to pass the image through unchanged.
+    The ``features.*`` tensors are copied one to one and ``classifier`` (Linear(C,
+    14)) becomes the head on the mask-weighted features: with an all-ones mask the
+    network reproduces the checkpoint's own predictions. The attention module,
+    which a plain DenseNet checkpoint lacks, is set to pass the image through
+    unchanged.
 
     Raises
     ------
     ValueError
         When tensors are missing or their shapes do not match the inferred width.
     """
-    if head not in ("global", "local"):
-        raise ValueError(f"head must be 'global' or 'local', got {head!r}")
     state = normalise_torchvision_keys(state)
     if "features.conv0.weight" not in state or "classifier.weight" not in state:
         raise ValueError("the checkpoint is not a torchvision DenseNet state dict: features.conv0.weight or classifier.weight is missing")
@@ -370,9 +365,7 @@ def import_torchvision_densenet(state: dict[str, torch.Tensor], head: str = "glo
             raise ValueError(f"features.{k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
     net.features.load_state_dict({**own, **feats})
     with torch.no_grad():
-        target, other = (net.global_classifier, net.classifier) if head == "global" else (net.classifier, net.global_classifier)
-        target.weight.copy_(w)
-        other.weight.zero_()
+        net.classifier.weight.copy_(w)
         net.classifier.bias.copy_(b)
     net.attention.pass_through()
     return net.eval()

@@ -33,7 +33,7 @@ from scipy import ndimage
 from analyzers import phantoms
 
 from .constants import LABELS, SEGMENTS, SYNTHESISED
-from .postprocess import cardiothoracic_ratio, outline
+from .inference import cardiothoracic_ratio, outline
 
 
 @dataclass
@@ -282,7 +282,10 @@ def render(rng: np.random.Generator, labels: dict[str, bool] | None = None) -> C
     att += rng.uniform(0.05, 0.10) * ribs * body
 
     # --- acquisition: tilt, exposure, noise, collimation, side marker ---------
-    masks = np.stack([rl, ll, heart])
+    # the "heart" truth is the cardiomediastinal silhouette, as in the real reference masks:
+    # the heart and the mediastinum above it, between the lungs' medial edges
+    mediastinum = body & (np.abs(xx - cx) < med_half * 1.15) & (yy >= top) & (yy <= h_cy)
+    masks = np.stack([rl, ll, heart | mediastinum])
     angle = rng.uniform(-4, 4)
     if abs(angle) > 0.3:
         att = ndimage.rotate(att, angle, reshape=False, order=1, mode="nearest")

@@ -1,30 +1,27 @@
-"""Train the lung/heart U-Net and the thoracic classifier; export ONNX weights and registry entries.
+"""Train the lung/heart U-Net and the thoracic classifier from scratch; export ONNX weights, registry entries and metrics.
 
-Phantom training (the bundled weights), in stages so they can run side by side::
+One seeded command gives the bundled weights::
 
-    python -m analyzers.chest_xray_thoracic.train data  --cache /tmp/cxr   # render phantoms once
-    python -m analyzers.chest_xray_thoracic.train seg   --cache /tmp/cxr   # U-Net, dice loss
-    python -m analyzers.chest_xray_thoracic.train cls   --cache /tmp/cxr   # classifier, BCE
-    python -m analyzers.chest_xray_thoracic.train export --cache /tmp/cxr  # ONNX, operating points, metrics
+    python -m analyzers.chest_xray_thoracic.train \\
+        --masks ../shared/traindata/chest/lung_heart_masks \\
+        --cxr14-csv ../shared/traindata/chest/nih_cxr/labels.csv --cxr14-images ../shared/traindata/chest/nih_cxr/images
 
-Continuing from the bundled ONNX weights (the torch state is not bundled)::
+``--masks`` is a folder of radiographs with right lung, left lung and heart masks: either
+``images/<stem>.png`` with ``masks/<stem>_{right_lung,left_lung,heart}.png``, or the JSRT/SCR
+layout (``<case>.png`` or ``.IMG`` images beside ``right lung/``, ``left lung/``, ``heart/``
+mask folders). ``--cxr14-csv`` is a ChestX-ray14 ``Data_Entry_2017`` table (or the bundled
+set's ``labels.csv``) and ``--cxr14-images`` the folder holding its PNGs.
 
-    python -m analyzers.chest_xray_thoracic.train from-onnx --cache /tmp/cxr    # unet.pt + cls.pt from weights/
-    python -m analyzers.chest_xray_thoracic.train cls --cache /tmp/cxr --resume --lr 3e-4
-    python -m analyzers.chest_xray_thoracic.train export --cache /tmp/cxr --keep-segmenter
-
-``from-onnx`` copies the ONNX initializers back into the torch modules
-(``analyzers.onnx_import``); BatchNorms folded into convolutions by the
-exporter become identities there, so a classifier started from ONNX trains
-with every BatchNorm in eval mode (running statistics frozen).
-
-Seeds: training phantoms use seed 1000, validation 2000 (operating points), the
-held-out evaluation 3000; tests use seeds from 5000 on, never used here.
-
-Real data: ``cls --cxr14-csv Data_Entry_2017.csv --cxr14-images DIR [--cxr14-split
-train_val_list.txt]`` trains the classifier on ChestX-ray14 with the U-Net's
-masks, all 14 labels evaluated; ``import-densenet CKPT`` turns a torchvision-
-layout DenseNet-121 checkpoint into ONNX weights and a registry entry.
+Stages (``--stage``; default all three): ``seg``, the U-Net on the real masks' training split plus
+phantoms with strong augmentation (affine, crop, gamma and contrast, blur and noise, burned-in
+text and markers, lines and tubes, collimation, inverted grey scale), dice + BCE loss, the epoch
+with the best validation Dice checkpointed; ``cls``, the classifier on the ChestX-ray14 training
+split (by patient) with the mask set's atlas mask (see :func:`atlas_mask`), BCE on the labels with
+enough positives, the epoch with the best validation AUROC checkpointed (``seg`` and ``cls`` are
+independent and may run side by side); ``export``, operating points on the ChestX-ray14
+validation split with the U-Net's masks (Youden), ONNX files and registry entries, then
+``evaluate`` writes ``metrics.json`` on the test splits, which no stage reads otherwise.
+Preprocessed arrays and checkpoints are cached under ``--cache``.
 """
 
 from __future__ import annotations
@@ -44,233 +41,337 @@ import torch.nn.functional as F
 
 from analyzers import phantoms
 from dicomnode.analysis import RegistryEntry, sha256_file
+from dicomnode.imaging import resize
 
-from . import phantom, preprocess
+from . import data, phantom, preprocess
+from .constants import INPUT_SIZE, LABELS, NIH_LABELS, SEGMENTS
 from .evaluate import auroc, dice, youden_threshold
-from .model import (
-    DENSENET121,
-    INPUT_SIZE,
-    LABELS,
-    SEG_CLASSES,
-    SYNTHESISED,
-    ClassifierExport,
-    DenseNetConfig,
-    SegmenterExport,
-    ThoracicClassifier,
-    UNet,
-    dice_loss,
-    import_torchvision_densenet,
-)
+from .model import ClassifierExport, DenseNetConfig, SegmenterExport, ThoracicClassifier, UNet, dice_loss
 
 log = structlog.get_logger("dicomnode.analyzers.chest_xray_thoracic.train")
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
-SEEDS = {"train": 1000, "val": 2000, "test": 3000}
+CACHE_SIZE = 256
+"""Cached radiographs and masks are this square size; augmentation samples the 224-pixel input from them."""
+PHANTOM_SEED = 1000
 SMALL = DenseNetConfig(growth_rate=12, block_config=(2, 4, 6, 4), num_init_features=16, bn_size=2)
-UNET_BASE = 8
+UNET_BASE = 12
 UNET_DOWNSAMPLE = 2
-SEG_VERSION = "1.0.0"
-CLS_VERSION = "1.1.0"
-LESION_WEIGHT = {"Nodule": 6.0, "Mass": 3.0}
-"""Small lesions are learnt last: their loss terms count more."""
-MIN_VAL_AUROC = 0.95
-"""A synthesised label is reported by the bundled weights only when validation AUROC reaches this."""
+"""The U-Net runs on a 112-pixel average-pooled copy and upsamples its logits: lungs and heart are smooth shapes."""
+SEG_VERSION = "2.0.0"
+CLS_VERSION = "2.0.0"
 
 
 # ---------------------------------------------------------------------------
-# Phantom data
+# Caches
 # ---------------------------------------------------------------------------
 
 
-def _example(seed: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    rng = np.random.default_rng(list(seed))
-    ph = phantom.render(rng)
-    patient = phantoms.PhantomPatient.make(rng, "cxr", seed[1])
-    prep = preprocess.prepare(phantom.to_dataset(ph, rng, patient))
-    seg = seg_target(ph.masks)
-    labels = np.asarray([float(ph.labels.get(k, False)) for k in LABELS], np.float32)
-    return prep.net_input[0].astype(np.float16), seg, labels, ph.ctr
+def _square(img: np.ndarray, size: int = CACHE_SIZE) -> np.ndarray:
+    """A [0, 1] radiograph to ``size`` x ``size``, smoothed first as ``preprocess.to_net_input`` does."""
+    from scipy import ndimage
+
+    factor = min(img.shape) / size
+    img = ndimage.gaussian_filter(img, sigma=0.4 * factor) if factor > 1.5 else img
+    return np.clip(resize(img.astype(np.float32), (size, size), order=1), 0, 1)
 
 
-def seg_target(masks: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:
-    """(3, rows, cols) bool masks to a (size, size) class-index map (SEG_CLASSES order)."""
-    from dicomnode.imaging import resize
+def _square_masks(masks: np.ndarray, size: int = CACHE_SIZE) -> np.ndarray:
+    return np.stack([resize(m.astype(np.float32), (size, size), order=1) > 0.5 for m in masks])
 
-    out = np.zeros((size, size), np.uint8)
-    for i, m in enumerate(masks):
-        out[resize(m.astype(np.float32), (size, size), order=1) > 0.5] = i + 1
+
+def cache_masks(root: Path, cache: Path) -> dict[str, np.ndarray]:
+    """Real radiographs with masks, square-resized (uint8 images, bool masks, stems)."""
+    path = cache / "masks.npz"
+    if path.exists():
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    cases = data.read_mask_folder(root)
+    if not cases:
+        raise SystemExit(f"no radiographs with right lung, left lung and heart masks under {root}")
+    images, masks = [], []
+    for case in cases:
+        img, m = case.load()
+        images.append(np.round(_square(img) * 255).astype(np.uint8))
+        masks.append(_square_masks(m))
+    out = {"image": np.stack(images), "masks": np.stack(masks), "stem": np.asarray([c.stem for c in cases])}
+    np.savez(path, **out)
+    log.info("masks_cached", n=len(cases))
     return out
 
 
-def render_split(split: str, n: int, workers: int = 2) -> dict[str, np.ndarray]:
-    seeds = [(SEEDS[split], i) for i in range(n)]
-    t0 = time.time()
+def _phantom_example(i: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng([PHANTOM_SEED, i])
+    ph = phantom.render(rng)
+    patient = phantoms.PhantomPatient.make(rng, "cxr", i)
+    display = preprocess.prepare(phantom.to_dataset(ph, rng, patient)).display
+    return np.round(_square(display) * 255).astype(np.uint8), _square_masks(ph.masks)
+
+
+def cache_phantoms(n: int, cache: Path, workers: int = 2) -> dict[str, np.ndarray]:
+    path = cache / f"phantoms_{n}.npz"
+    if path.exists():
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
     with Pool(workers) as pool:
-        rows = []
-        for k, row in enumerate(pool.imap(_example, seeds, chunksize=8)):
-            rows.append(row)
-            if (k + 1) % 100 == 0:
-                log.info("rendered", split=split, done=k + 1, of=n, seconds=round(time.time() - t0, 1))
-    return {
-        "image": np.stack([r[0] for r in rows]),
-        "seg": np.stack([r[1] for r in rows]),
-        "labels": np.stack([r[2] for r in rows]),
-        "ctr": np.asarray([r[3] for r in rows], np.float32),
-    }
+        rows = pool.map(_phantom_example, range(n), chunksize=8)
+    out = {"image": np.stack([r[0] for r in rows]), "masks": np.stack([r[1] for r in rows])}
+    np.savez(path, **out)
+    log.info("phantoms_cached", n=n)
+    return out
 
 
-def load_split(cache: Path, split: str) -> dict[str, np.ndarray]:
-    with np.load(cache / f"{split}.npz") as z:
-        return {k: z[k] for k in z.files}
+def _nih_example(path: Path) -> np.ndarray:
+    return np.round(_square(data.load_png(path), INPUT_SIZE) * 255).astype(np.uint8)
 
 
-def to_input(img16: np.ndarray, rng: np.random.Generator | None = None) -> torch.Tensor:
-    """Cached first channels to 3-channel inputs, exactly as ``preprocess.to_net_input`` makes them.
+def cache_cxr14(csv_path: Path, images: Path, cache: Path, workers: int = 2) -> dict[str, np.ndarray]:
+    """ChestX-ray14 images at the classifier's input size (before the contrast stretch), labels, patients."""
+    path = cache / "cxr14.npz"
+    if path.exists():
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    records = data.read_chestxray14(csv_path, images)
+    if not records:
+        raise SystemExit(f"no ChestX-ray14 images found under {images} for the rows of {csv_path}")
+    with Pool(workers) as pool:
+        imgs = pool.map(_nih_example, [r.path for r in records], chunksize=16)
+    out = {"image": np.stack(imgs), "labels": np.stack([r.labels for r in records]),
+           "patient": np.asarray([r.patient_id for r in records]), "name": np.asarray([r.image for r in records])}
+    np.savez(path, **out)
+    log.info("cxr14_cached", n=len(records))
+    return out
 
-    With ``rng``, a random gamma (0.5-2) imitates the different tone curves of
-    real detectors and processing, which a linear window cannot undo.
+
+# ---------------------------------------------------------------------------
+# Augmentation
+# ---------------------------------------------------------------------------
+
+
+def _affine(n: int, rng: np.random.Generator, rot: float, zoom: tuple[float, float], shift: float) -> torch.Tensor:
+    a = np.deg2rad(rng.uniform(-rot, rot, n))
+    s = rng.uniform(*zoom, n)
+    aspect = rng.uniform(0.92, 1.08, n)
+    t = rng.uniform(-shift, shift, (n, 2))
+    theta = np.zeros((n, 2, 3), np.float32)
+    theta[:, 0, 0] = np.cos(a) / s * aspect
+    theta[:, 0, 1] = -np.sin(a) / s
+    theta[:, 1, 0] = np.sin(a) / s
+    theta[:, 1, 1] = np.cos(a) / s / aspect
+    theta[:, :, 2] = t
+    return torch.from_numpy(theta)
+
+
+def warp(images: np.ndarray, masks: np.ndarray | None, rng: np.random.Generator | None,
+         rot: float = 10.0, zoom: tuple[float, float] = (0.85, 1.2), shift: float = 0.08) -> tuple[np.ndarray, np.ndarray | None]:
+    """uint8 (N, S, S) images and (N, C, S, S) masks to float (N, 224, 224) and bool (N, C, 224, 224).
+
+    With ``rng``: a random rotation, zoom (in: the image is cropped; out: a black border
+    as from collimation), aspect change and shift, the same for an image and its masks.
     """
-    from .model import IMAGENET_MEAN, IMAGENET_STD
-
-    raw = np.clip(img16.astype(np.float32) * IMAGENET_STD[0] + IMAGENET_MEAN[0], 0, 1)
-    out = []
-    for img in raw:
-        img = preprocess.stretch_contrast(img)
-        if rng is not None:
-            img = preprocess.stretch_contrast(img ** float(np.exp(rng.uniform(-0.7, 0.7))))
-        out.append(img)
-    return torch.from_numpy(preprocess.normalise(np.stack(out)))
-
-
-# ---------------------------------------------------------------------------
-# Training loops
-# ---------------------------------------------------------------------------
+    n = len(images)
+    x = torch.from_numpy(images.astype(np.float32) / 255.0)[:, None]
+    if rng is None:
+        theta = torch.tensor([[[1.0, 0, 0], [0, 1.0, 0]]]).repeat(n, 1, 1)
+    else:
+        theta = _affine(n, rng, rot, zoom, shift)
+    grid = F.affine_grid(theta, (n, 1, INPUT_SIZE, INPUT_SIZE), align_corners=False)
+    img = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[:, 0].numpy()
+    out_masks = None
+    if masks is not None:
+        m = torch.from_numpy(masks.astype(np.float32))
+        out_masks = F.grid_sample(m, grid, mode="bilinear", padding_mode="zeros", align_corners=False).numpy() > 0.5
+    return img, out_masks
 
 
-_STEPS = {"seg": 0, "cls": 0}
+def _curve(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    p = rng.uniform(0, size, (3, 2))
+    t = np.linspace(0, 1, 4 * size)[:, None]
+    pts = (1 - t) ** 2 * p[0] + 2 * (1 - t) * t * p[1] + t**2 * p[2]
+    return pts[:, 0], pts[:, 1]
 
 
-def _progress(what: str, epoch: int, total: float, n: int, t0: float) -> None:
-    _STEPS[what] += 1
-    if _STEPS[what] % 20 == 0:
-        log.info(f"{what}_step", step=_STEPS[what], epoch=epoch + 1, seconds=round(time.time() - t0, 1))
-
-
-def train_seg(data: dict[str, np.ndarray], epochs: int, seed: int = 0, batch: int = 16) -> UNet:
-    torch.manual_seed(seed)
-    net = UNet(base=UNET_BASE, downsample=UNET_DOWNSAMPLE)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3, weight_decay=1e-4)
-    n = len(data["image"])
-    steps = epochs * math.ceil(n / batch)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
-    gen = torch.Generator().manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    for epoch in range(epochs):
-        net.train()
-        t0, total = time.time(), 0.0
-        for idx in torch.randperm(n, generator=gen).split(batch):
-            x = to_input(data["image"][idx.numpy()], rng)
-            y = torch.from_numpy(data["seg"][idx.numpy()].astype(np.int64))
-            logits = net(x)
-            # dice as in the paper; a little cross-entropy steadies the first epochs
-            loss = dice_loss(logits, y) + 0.2 * F.cross_entropy(logits, y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss.detach()) * len(idx)
-            _progress("seg", epoch, total, n, t0)
-        log.info("seg_epoch", epoch=epoch + 1, of=epochs, loss=round(total / n, 4), seconds=round(time.time() - t0, 1))
-    return net.eval()
-
-
-def jitter_mask(seg: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Union lung/heart mask with a random dilation or erosion, as an imperfect U-Net would give."""
+def photometric(img: np.ndarray, rng: np.random.Generator, invert: float = 0.0) -> np.ndarray:
+    """One (224, 224) [0, 1] image with a random tone curve, blur or noise, burned-in text, markers, tubes and bands."""
     from scipy import ndimage
 
-    m = seg > 0
-    k = int(rng.integers(-2, 3))
-    if k > 0:
-        m = ndimage.binary_dilation(m, iterations=k)
-    elif k < 0:
-        m = ndimage.binary_erosion(m, iterations=-k)
-    return m.astype(np.float32)
+    size = img.shape[0]
+    img = np.clip(img, 0, 1) ** float(np.exp(rng.uniform(-0.6, 0.6)))
+    img = img * rng.uniform(0.7, 1.2) + rng.uniform(-0.1, 0.1)
+    if rng.random() < 0.3:
+        img = ndimage.gaussian_filter(img, rng.uniform(0.4, 1.2))
+    if rng.random() < 0.4:
+        # tubes, lines and wires: bright curves a few pixels wide
+        for _ in range(int(rng.integers(1, 4))):
+            cx, cy = _curve(rng, size)
+            w = int(rng.integers(1, 4))
+            line = np.zeros_like(img)
+            ok = (cx >= 0) & (cx < size) & (cy >= 0) & (cy < size)
+            line[cy[ok].astype(int), cx[ok].astype(int)] = 1.0
+            line = ndimage.maximum_filter(line, size=w)
+            img = np.maximum(img, line * rng.uniform(0.6, 1.0))
+    if rng.random() < 0.5:
+        # burned-in annotation text and side markers near the edges
+        for _ in range(int(rng.integers(1, 5))):
+            h, w = int(rng.integers(4, 12)), int(rng.integers(8, 50))
+            r = int(rng.choice([rng.integers(0, 20), rng.integers(size - 20, size)]))
+            c = int(rng.integers(0, size - w))
+            block = rng.random((h, w)) < 0.45
+            img[r : r + h, c : c + w][block[: img[r : r + h, c : c + w].shape[0], : img[r : r + h, c : c + w].shape[1]]] = rng.uniform(0.8, 1.0)
+    if rng.random() < 0.2:
+        edge, side = int(rng.integers(3, 25)), int(rng.integers(4))
+        sl = [np.s_[:edge, :], np.s_[-edge:, :], np.s_[:, :edge], np.s_[:, -edge:]][side]
+        img[sl] = rng.choice([0.0, 1.0])
+    if rng.random() < 0.5:
+        img = img + rng.normal(0, rng.uniform(0.005, 0.04), img.shape)
+    img = np.clip(img, 0, 1)
+    if rng.random() < invert:
+        img = 1.0 - img
+    return img.astype(np.float32)
 
 
-def set_train(net: torch.nn.Module, frozen_bn: bool = False) -> None:
-    """``net.train()``; with ``frozen_bn`` every BatchNorm stays in eval mode (running statistics used and kept).
-
-    Needed for networks loaded from ONNX, whose folded BatchNorms are identities:
-    batch statistics would change what they compute.
-    """
-    net.train()
-    if frozen_bn:
-        for m in net.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.eval()
+def to_tensor(imgs: np.ndarray) -> torch.Tensor:
+    """(N, 224, 224) [0, 1] images to network inputs, exactly as ``preprocess.to_net_input`` finishes them."""
+    return torch.from_numpy(preprocess.normalise(np.stack([preprocess.stretch_contrast(i) for i in imgs])))
 
 
-def train_cls(images: np.ndarray, masks: np.ndarray, labels: np.ndarray, label_weight: np.ndarray, cfg: DenseNetConfig,
-              epochs: int, seed: int = 0, batch: int = 16, net: ThoracicClassifier | None = None,
-              jitter: bool = True, loader=None, max_lr: float = 2e-3, frozen_bn: bool = False,
-              on_epoch=None) -> ThoracicClassifier:
-    """BCE over the labels with weight 1 in ``label_weight`` (others are not judged by these data).
+# ---------------------------------------------------------------------------
+# Segmentation
+# ---------------------------------------------------------------------------
 
-    ``frozen_bn`` keeps every BatchNorm in eval mode (see :func:`set_train`);
-    ``on_epoch(epoch, net)`` is called after each epoch (validation, checkpoints).
+
+def _progress(what: str, epoch: int, epochs: int, step: int, steps: int, loss: float, t0: float) -> None:
+    if step % 10 == 0 or step == steps:
+        log.info(f"{what}_progress", epoch=f"{epoch + 1}/{epochs}", step=f"{step}/{steps}", loss=round(loss, 4), seconds=round(time.time() - t0, 1))
+
+
+@torch.no_grad()
+def predict_seg(unet: UNet, images: np.ndarray, batch: int = 16) -> np.ndarray:
+    """(N, 224, 224) [0, 1] images to (N, 3, 224, 224) probabilities."""
+    unet.eval()
+    return np.concatenate([torch.sigmoid(unet(to_tensor(images[s : s + batch]))).numpy() for s in range(0, len(images), batch)])
+
+
+def seg_scores(unet: UNet, images: np.ndarray, masks: np.ndarray) -> dict[str, float]:
+    img, m = warp(images, masks, None)
+    pred = predict_seg(unet, img) > 0.5
+    return {s: float(np.mean([dice(p[j], t[j]) for p, t in zip(pred, m)])) for j, s in enumerate(SEGMENTS)}
+
+
+def train_seg(real: dict[str, np.ndarray], ph: dict[str, np.ndarray], val: dict[str, np.ndarray], epochs: int, seed: int,
+              batch: int = 8, real_repeat: int = 2, on_best=None) -> tuple[UNet, dict[str, float]]:
+    """Dice + BCE on real masks (each repeated ``real_repeat`` times an epoch) and half as many phantoms; best validation epoch kept.
+
+    ``on_best(net, scores)`` is called whenever the validation Dice improves (a checkpoint).
     """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    net = net or ThoracicClassifier(cfg, dropout=0.1)
-    opt = torch.optim.Adam(net.parameters(), lr=max_lr / 2, weight_decay=1e-4)
-    n = len(labels)
-    steps = epochs * math.ceil(n / batch)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=steps)
-    w = torch.from_numpy(label_weight.astype(np.float32))
-    gen = torch.Generator().manual_seed(seed)
+    unet = UNet(base=UNET_BASE, downsample=UNET_DOWNSAMPLE)
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=1e-4)
+    n_real = len(real["image"]) * real_repeat
+    n_ph = min(len(ph["image"]), n_real // 3)
+    per_epoch = math.ceil((n_real + n_ph) / batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=epochs * per_epoch, pct_start=0.15)
+    best, best_state, t0 = -1.0, None, time.time()
     for epoch in range(epochs):
-        set_train(net, frozen_bn)
-        t0, total = time.time(), 0.0
-        for idx in torch.randperm(n, generator=gen).split(batch):
-            ids = idx.numpy()
-            if loader is not None:
-                x, m = loader(ids)
-            else:
-                x = to_input(images[ids], rng)
-                m = np.stack([jitter_mask(masks[i], rng) if jitter else (masks[i] > 0).astype(np.float32) for i in ids])
-                m = torch.from_numpy(m)[:, None]
-            y = torch.from_numpy(labels[ids])
-            logits, _ = net(x, m)
-            loss = (F.binary_cross_entropy_with_logits(logits, y, reduction="none") * w).sum(1).mean() / w.sum()
+        unet.train()
+        idx = [("r", i % len(real["image"])) for i in range(n_real)] + [("p", int(i)) for i in rng.choice(len(ph["image"]), n_ph, replace=False)]
+        order = rng.permutation(len(idx))
+        total = 0.0
+        for step, s in enumerate(range(0, len(order), batch), start=1):
+            chosen = [idx[k] for k in order[s : s + batch]]
+            imgs = np.stack([(real if src == "r" else ph)["image"][i] for src, i in chosen])
+            msks = np.stack([(real if src == "r" else ph)["masks"][i] for src, i in chosen])
+            img, m = warp(imgs, msks, rng)
+            x = to_tensor(np.stack([photometric(i, rng, invert=0.1) for i in img]))
+            y = torch.from_numpy(m.astype(np.float32))
+            logits = unet(x)
+            loss = dice_loss(logits, y) + F.binary_cross_entropy_with_logits(logits, y)
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss.detach()) * len(ids)
-            _progress("cls", epoch, total, n, t0)
-        log.info("cls_epoch", epoch=epoch + 1, of=epochs, loss=round(total / n, 4), seconds=round(time.time() - t0, 1))
-        if on_epoch is not None:
-            net.eval()
-            on_epoch(epoch, net)
-    return net.eval()
+            total += float(loss.detach())
+            _progress("seg", epoch, epochs, step, per_epoch, total / step, t0)
+        scores = seg_scores(unet, val["image"], val["masks"])
+        mean = float(np.mean(list(scores.values())))
+        log.info("seg_validation", epoch=epoch + 1, **{k: round(v, 4) for k, v in scores.items()})
+        if mean > best:
+            best, best_state, best_scores = mean, {k: v.clone() for k, v in unet.state_dict().items()}, dict(scores, epoch=epoch + 1)
+            if on_best is not None:
+                on_best(unet, best_scores)
+    unet.load_state_dict(best_state)
+    return unet.eval(), best_scores
+
+
+# ---------------------------------------------------------------------------
+# Classification
+# ---------------------------------------------------------------------------
+
+
+def nih_masks(unet: UNet, images: np.ndarray) -> np.ndarray:
+    """The U-Net's lungs-and-heart union on uint8 (N, 224, 224) ChestX-ray14 images, as at inference."""
+    from .inference import classifier_mask
+
+    probs = predict_seg(unet, images.astype(np.float32) / 255.0)
+    return np.concatenate([classifier_mask(p)[0] for p in probs]).astype(np.uint8)
 
 
 @torch.no_grad()
-def predict_masks(unet: UNet, images: np.ndarray, batch: int = 32) -> np.ndarray:
+def predict_cls(net: ThoracicClassifier, images: np.ndarray, masks: np.ndarray, batch: int = 32) -> np.ndarray:
+    net.eval()
     out = []
     for s in range(0, len(images), batch):
-        out.append(unet(to_input(images[s : s + batch])).argmax(1).numpy().astype(np.uint8))
+        x = to_tensor(images[s : s + batch].astype(np.float32) / 255.0)
+        m = torch.from_numpy(masks[s : s + batch].astype(np.float32))[:, None]
+        out.append(torch.sigmoid(net(x, m)[0]).numpy())
     return np.concatenate(out)
 
 
-@torch.no_grad()
-def predict_probs(net: ThoracicClassifier, images: np.ndarray, seg: np.ndarray, batch: int = 32) -> np.ndarray:
-    out = []
-    for s in range(0, len(images), batch):
-        m = torch.from_numpy((seg[s : s + batch] > 0).astype(np.float32))[:, None]
-        logits, _ = net(to_input(images[s : s + batch]), m)
-        out.append(torch.sigmoid(logits).numpy())
-    return np.concatenate(out)
+def train_cls(train: dict[str, np.ndarray], val: dict[str, np.ndarray], epochs: int, seed: int, batch: int = 16,
+              cfg: DenseNetConfig = SMALL, on_best=None) -> tuple[ThoracicClassifier, dict[str, float]]:
+    """BCE on NIH_LABELS with the given masks; mild augmentation; the epoch with the best mean validation AUROC kept.
+
+    ``on_best(net, scores)`` is called whenever the validation AUROC improves (a checkpoint).
+    """
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    net = ThoracicClassifier(cfg, dropout=0.2)
+    cols = [LABELS.index(k) for k in NIH_LABELS]
+    y_all = train["labels"][:, cols]
+    pos = y_all.mean(0)
+    pos_weight = torch.from_numpy(np.clip((1 - pos) / np.maximum(pos, 1e-3), 1.0, 6.0).astype(np.float32))
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-3)
+    n = len(y_all)
+    per_epoch = math.ceil(n / batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=epochs * per_epoch, pct_start=0.2)
+    best, best_state, best_scores, t0 = -1.0, None, {}, time.time()
+    for epoch in range(epochs):
+        net.train()
+        order = rng.permutation(n)
+        total = 0.0
+        for step, s in enumerate(range(0, n, batch), start=1):
+            ids = order[s : s + batch]
+            img, m = warp(train["image"][ids], train["mask"][ids][:, None], rng, rot=7.0, zoom=(0.9, 1.12), shift=0.05)
+            x = to_tensor(np.stack([photometric(i, rng) for i in img]))
+            logits, _ = net(x, torch.from_numpy(m.astype(np.float32)))
+            loss = F.binary_cross_entropy_with_logits(logits[:, cols], torch.from_numpy(y_all[ids]), pos_weight=pos_weight)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach())
+            _progress("cls", epoch, epochs, step, per_epoch, total / step, t0)
+        probs = predict_cls(net, val["image"], val["mask"])
+        scores = {k: auroc(val["labels"][:, LABELS.index(k)], probs[:, LABELS.index(k)]) for k in NIH_LABELS}
+        mean = float(np.nanmean(list(scores.values())))
+        log.info("cls_validation", epoch=epoch + 1, mean=round(mean, 4), **{k: round(v, 4) for k, v in scores.items()})
+        if mean > best:
+            best, best_state, best_scores = mean, {k: v.clone() for k, v in net.state_dict().items()}, dict(scores, epoch=epoch + 1)
+            if on_best is not None:
+                on_best(net, best_scores)
+    net.load_state_dict(best_state)
+    return net.eval(), best_scores
 
 
 # ---------------------------------------------------------------------------
@@ -299,278 +400,135 @@ def export_classifier(net: ThoracicClassifier, path: Path) -> None:
     export_onnx(ClassifierExport(net), (x, m), ["image", "mask"], ["probability", "evidence"], path)
 
 
-def write_entry(onnx_path: Path, name: str, version: str, phantom_trained: bool, extra: dict) -> Path:
+def write_entry(onnx_path: Path, name: str, version: str, extra: dict) -> Path:
     entry = RegistryEntry(name=name, version=version, file=onnx_path.name, sha256=sha256_file(onnx_path),
-                          phantom_trained=phantom_trained, extra=extra)
+                          phantom_trained=False, extra=extra)
     json_path = onnx_path.with_suffix(".json")
     entry.save(json_path)
     return json_path
 
 
 # ---------------------------------------------------------------------------
-# Stages
+# Command
 # ---------------------------------------------------------------------------
 
 
-def stage_data(args: argparse.Namespace) -> None:
-    args.cache.mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", args.n_train), ("val", args.n_val)):
-        data = render_split(split, n, args.workers)
-        np.savez(args.cache / f"{split}.npz", **data)
-        log.info("split_written", split=split, n=n, prevalence={k: float(data["labels"][:, LABELS.index(k)].mean()) for k in SYNTHESISED})
+def atlas_mask(masks: dict[str, np.ndarray], split: np.ndarray) -> np.ndarray:
+    """The lungs-and-heart union where at least half of the mask set's training images have it, (224, 224) uint8.
+
+    The classifier trains with this mask (warped with each image) instead of the U-Net's, so the
+    two networks train independently; at inference the U-Net's own mask weighs the features, and
+    the operating points are calibrated with it.
+    """
+    _, m = warp(masks["image"][split == "train"], masks["masks"][split == "train"], None)
+    return (m.any(1).mean(0) >= 0.5).astype(np.uint8)
 
 
-def stage_seg(args: argparse.Namespace) -> None:
-    data = {k: v[: args.n_seg] for k, v in load_split(args.cache, "train").items()}
-    unet = train_seg(data, args.epochs or 10, seed=args.seed)
-    torch.save(unet.state_dict(), args.cache / "unet.pt")
-    val = load_split(args.cache, "val")
-    pred = predict_masks(unet, val["image"])
-    scores = {c: float(np.mean([dice(p == i, t == i) for p, t in zip(pred, val["seg"])])) for i, c in enumerate(SEG_CLASSES) if i}
-    log.info("seg_val_dice", **{k: round(v, 4) for k, v in scores.items()})
+def _cxr14(args: argparse.Namespace) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    nih = cache_cxr14(args.cxr14_csv, args.cxr14_images, args.cache, args.workers)
+    return nih, data.split_by_group(nih["patient"], args.split_seed, val=data.CXR14_VAL, test=data.CXR14_TEST)
 
 
-def load_classifier(path: Path) -> ThoracicClassifier:
-    return load_classifier_state(path)[0]
+def stage_seg(args: argparse.Namespace, masks: dict[str, np.ndarray], split: np.ndarray) -> None:
+    ph = cache_phantoms(args.phantoms, args.cache, args.workers)
+    pick = lambda part: {k: v[split == part] for k, v in masks.items()}  # noqa: E731
+    log.info("seg_data", train=int((split == "train").sum()), val=int((split == "val").sum()), phantoms=len(ph["image"]))
+    training = (f"{int((split == 'train').sum())} real radiographs with masks (split seed {args.split_seed}) "
+                f"and {args.phantoms} phantoms (seed {PHANTOM_SEED}), {args.seg_epochs} epochs, seed {args.seed}")
+
+    def on_best(net: UNet, scores: dict[str, float]) -> None:
+        torch.save({"state": net.state_dict(), "validation_dice": scores, "training": training}, args.cache / "unet.pt")
+
+    train_seg(pick("train"), ph, pick("val"), args.seg_epochs, args.seed, on_best=on_best)
 
 
-def load_classifier_state(path: Path) -> tuple[ThoracicClassifier, bool]:
-    """The cached classifier and whether its BatchNorms must stay frozen (it came from ONNX)."""
-    saved = torch.load(path)
-    cfg = DenseNetConfig(**{**saved["cfg"], "block_config": tuple(saved["cfg"]["block_config"])})
-    net = ThoracicClassifier(cfg, dropout=0.1)
-    net.load_state_dict(saved["state"])
-    return net.eval(), bool(saved.get("frozen_bn", False))
+def stage_cls(args: argparse.Namespace, masks: dict[str, np.ndarray], split: np.ndarray) -> None:
+    nih, nsplit = _cxr14(args)
+    nih["mask"] = np.broadcast_to(atlas_mask(masks, split), nih["image"].shape)
+    pick = lambda part: {k: v[nsplit == part] for k, v in nih.items()}  # noqa: E731
+    train, val = pick("train"), pick("val")
+    log.info("cls_data", train=len(train["labels"]), val=len(val["labels"]))
+    training = (f"{len(train['labels'])} ChestX-ray14 images (split by patient, seed {args.split_seed}), "
+                f"{args.cls_epochs} epochs, seed {args.seed}, mask-set atlas mask")
 
+    def on_best(net: ThoracicClassifier, scores: dict[str, float]) -> None:
+        torch.save({"state": net.state_dict(), "cfg": net.cfg.as_dict(), "validation_auroc_atlas_mask": scores, "training": training},
+                   args.cache / "cls.pt")
 
-def save_classifier(net: ThoracicClassifier, path: Path, frozen_bn: bool = False) -> None:
-    torch.save({"state": net.state_dict(), "cfg": net.cfg.as_dict(), "frozen_bn": frozen_bn}, path)
-
-
-def classifier_from_onnx(path: Path) -> ThoracicClassifier:
-    """The bundled classifier (ONNX + its registry json) as a torch module; its folded BatchNorms are identities."""
-    from analyzers.onnx_import import load_from_onnx
-
-    entry = RegistryEntry.load(Path(path).with_suffix(".json"))
-    d = entry.extra["densenet"]
-    cfg = DenseNetConfig(growth_rate=int(d["growth_rate"]), block_config=tuple(d["block_config"]),
-                         num_init_features=int(d["num_init_features"]), bn_size=int(d["bn_size"]))
-    net = ThoracicClassifier(cfg, dropout=0.1)
-    wrapper = ClassifierExport(net).eval()
-    how = load_from_onnx(wrapper, Path(path), (torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE), torch.ones(1, 1, INPUT_SIZE, INPUT_SIZE)))
-    log.info("classifier_from_onnx", path=str(path), loaded=how)
-    return net.eval()
-
-
-def unet_from_onnx(path: Path) -> UNet:
-    """The bundled U-Net (ONNX + its registry json) as a torch module."""
-    from analyzers.onnx_import import load_from_onnx
-
-    entry = RegistryEntry.load(Path(path).with_suffix(".json"))
-    unet = UNet(base=int(entry.extra["unet_base"]), downsample=int(entry.extra["unet_downsample"]))
-    wrapper = SegmenterExport(unet).eval()
-    how = load_from_onnx(wrapper, Path(path), (torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE),))
-    log.info("unet_from_onnx", path=str(path), loaded=how)
-    return unet.eval()
-
-
-def onnx_parity(module: torch.nn.Module, path: Path, feeds: dict[str, np.ndarray]) -> float:
-    """Max abs difference of all outputs, ``module`` (the export wrapper) against ONNX Runtime."""
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    ref = sess.run(None, feeds)
-    with torch.no_grad():
-        out = module(*(torch.from_numpy(v) for v in feeds.values()))
-    out = out if isinstance(out, (tuple, list)) else (out,)
-    return max(float(np.abs(o.numpy() - r).max()) for o, r in zip(out, ref))
-
-
-def stage_from_onnx(args: argparse.Namespace) -> None:
-    """unet.pt and cls.pt in the cache from the ONNX weights in ``--weights``; parity and validation AUROCs logged."""
-    args.cache.mkdir(parents=True, exist_ok=True)
-    seg_path, cls_path = args.weights / "lung_heart_unet.onnx", args.weights / "thoracic_classifier.onnx"
-    unet = unet_from_onnx(seg_path)
-    net = classifier_from_onnx(cls_path)
-    torch.save(unet.state_dict(), args.cache / "unet.pt")
-    save_classifier(net, args.cache / "cls.pt", frozen_bn=True)
-    val = load_split(args.cache, "val")
-    x = to_input(val["image"][:8]).numpy()
-    masks = predict_masks(unet, val["image"][:8])
-    m = (masks > 0).astype(np.float32)[:, None]
-    log.info("onnx_parity", segmenter=onnx_parity(SegmenterExport(unet).eval(), seg_path, {"image": x}),
-             classifier=onnx_parity(ClassifierExport(net).eval(), cls_path, {"image": x, "mask": m}))
-    probs = predict_probs(net, val["image"], predict_masks(unet, val["image"]))
-    log.info("val_auroc_unet_masks", **{k: round(auroc(val["labels"][:, LABELS.index(k)], probs[:, LABELS.index(k)]), 4) for k in SYNTHESISED})
-
-
-def stage_cls(args: argparse.Namespace) -> None:
-    lesion = {**LESION_WEIGHT, **dict(_label_weight(s) for s in args.label_weight)}
-    weight = np.asarray([lesion.get(k, 1.0) if k in SYNTHESISED else 0.0 for k in LABELS], np.float32)
-    frozen_bn = False
-    if args.cxr14_csv:
-        net = train_cxr14(args)
-    else:
-        data = {k: v[: args.n_cls] for k, v in load_split(args.cache, "train").items()}
-        start = None
-        if args.resume_onnx:
-            start, frozen_bn = classifier_from_onnx(args.resume_onnx), True
-        elif args.resume:
-            start, frozen_bn = load_classifier_state(args.cache / "cls.pt")
-        val = load_split(args.cache, "val")
-        val_masks = predict_masks(_cached_unet(args.cache), val["image"]) if (args.cache / "unet.pt").exists() else val["seg"]
-        history: list[dict] = []
-
-        def on_epoch(epoch: int, net: ThoracicClassifier) -> None:
-            # validation phantoms (seed 2000) with the U-Net's masks, as export judges them; a checkpoint per epoch
-            probs = predict_probs(net, val["image"], val_masks)
-            scores = {k: round(auroc(val["labels"][:, LABELS.index(k)], probs[:, LABELS.index(k)]), 4) for k in SYNTHESISED}
-            history.append(scores)
-            save_classifier(net, args.cache / f"cls_epoch{epoch + 1}.pt", frozen_bn)
-            log.info("cls_val_auroc", epoch=epoch + 1, **scores)
-
-        net = train_cls(data["image"], data["seg"], data["labels"], weight, SMALL, args.epochs or 12, seed=args.seed, net=start,
-                        max_lr=args.lr, frozen_bn=frozen_bn, on_epoch=on_epoch)
-    save_classifier(net, args.cache / "cls.pt", frozen_bn)
-
-
-def _label_weight(text: str) -> tuple[str, float]:
-    name, _, value = text.partition("=")
-    if name not in SYNTHESISED or not value:
-        raise SystemExit(f"--label-weight wants LABEL=WEIGHT with a synthesised label, not {text!r}")
-    return name, float(value)
-
-
-def _cached_unet(cache: Path) -> UNet:
-    unet = UNet(base=UNET_BASE, downsample=UNET_DOWNSAMPLE)
-    unet.load_state_dict(torch.load(cache / "unet.pt"))
-    return unet.eval()
-
-
-def train_cxr14(args: argparse.Namespace) -> ThoracicClassifier:
-    """The classifier on ChestX-ray14 PNGs, masks from the bundled (or trained) U-Net, all 14 labels."""
-    from . import data as cxr_data
-
-    names = cxr_data.read_split(args.cxr14_split) if args.cxr14_split else None
-    records = cxr_data.read_chestxray14(args.cxr14_csv, args.cxr14_images, names=names)
-    if not records:
-        raise SystemExit(f"no ChestX-ray14 images found under {args.cxr14_images} for {args.cxr14_csv}")
-    unet = UNet(base=UNET_BASE, downsample=UNET_DOWNSAMPLE)
-    unet.load_state_dict(torch.load(args.cache / "unet.pt"))
-    unet.eval()
-    labels = np.stack([r.labels for r in records])
-
-    def loader(ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.from_numpy(np.stack([preprocess.to_net_input(cxr_data.load_png(records[i].path)) for i in ids]))
-        with torch.no_grad():
-            m = (unet(x).argmax(1, keepdim=True) > 0).float()
-        return x, m
-
-    log.info("cxr14_records", n=len(records))
-    return train_cls(np.zeros(0), np.zeros(0), labels, np.ones(len(LABELS), np.float32), DENSENET121 if args.full_width else SMALL,
-                     args.epochs or 50, seed=args.seed, loader=loader)
+    train_cls(train, val, args.cls_epochs, args.seed, on_best=on_best)
 
 
 def stage_export(args: argparse.Namespace) -> None:
-    from .evaluate import evaluate_folders
-
+    """Both networks to ONNX; operating points on the ChestX-ray14 validation split with the U-Net's masks."""
     out = args.weights
     out.mkdir(parents=True, exist_ok=True)
-    seg_path = out / "lung_heart_unet.onnx"
-    if args.keep_segmenter:
-        # the U-Net stays as bundled: its ONNX file and registry entry are not rewritten
-        seg_entry = RegistryEntry.load(seg_path.with_suffix(".json"))
-        if sha256_file(seg_path) != seg_entry.sha256:
-            raise SystemExit(f"--keep-segmenter: {seg_path} does not match the sha256 in its registry entry")
-    unet = _cached_unet(args.cache)
-    net = load_classifier(args.cache / "cls.pt")
-    cfg = net.cfg
-
-    # operating points on validation phantoms, with the U-Net's masks as at inference
-    val = load_split(args.cache, "val")
-    probs = predict_probs(net, val["image"], predict_masks(unet, val["image"]))
-    ops = {k: round(youden_threshold(val["labels"][:, LABELS.index(k)], probs[:, LABELS.index(k)]), 4) for k in SYNTHESISED}
-    # a label the weights cannot separate on validation data is withheld ("not evaluated"), not guessed
-    val_auroc = {k: round(auroc(val["labels"][:, LABELS.index(k)], probs[:, LABELS.index(k)]), 4) for k in SYNTHESISED}
-    evaluated = [k for k in SYNTHESISED if val_auroc[k] >= MIN_VAL_AUROC]
-    log.info("validation", auroc=val_auroc, evaluated=evaluated)
-
-    cls_path = out / "thoracic_classifier.onnx"
-    if not args.keep_segmenter:
-        export_segmenter(unet, seg_path)
-        write_entry(seg_path, "lung_heart_unet", SEG_VERSION, True, {
-            "input_size": INPUT_SIZE, "classes": list(SEG_CLASSES), "unet_base": UNET_BASE, "unet_downsample": UNET_DOWNSAMPLE,
-            "training": f"{args.n_train} phantoms, seed {SEEDS['train']}",
-        })
-    export_classifier(net, cls_path)
-    write_entry(cls_path, "thoracic_classifier", CLS_VERSION, True, {
-        "input_size": INPUT_SIZE, "labels": list(LABELS), "evaluated_labels": evaluated,
-        "withheld_labels": {k: f"validation AUROC {v} < {MIN_VAL_AUROC}" for k, v in val_auroc.items() if k not in evaluated},
-        "validation_auroc": val_auroc,
-        "operating_points": {k: v for k, v in ops.items() if k in evaluated}, "operating_points_from": f"{len(val['labels'])} validation phantoms, seed {SEEDS['val']}, Youden index",
-        "densenet": cfg.as_dict(), "training": f"{args.n_train} phantoms, seed {SEEDS['train']}",
+    seg_saved, cls_saved = torch.load(args.cache / "unet.pt"), torch.load(args.cache / "cls.pt")
+    unet = UNet(base=UNET_BASE, downsample=UNET_DOWNSAMPLE)
+    unet.load_state_dict(seg_saved["state"])
+    cfg = DenseNetConfig(**{**cls_saved["cfg"], "block_config": tuple(cls_saved["cfg"]["block_config"])})
+    net = ThoracicClassifier(cfg)
+    net.load_state_dict(cls_saved["state"])
+    nih, nsplit = _cxr14(args)
+    val = {k: v[nsplit == "val"] for k, v in nih.items()}
+    val["mask"] = nih_masks(unet.eval(), val["image"])
+    probs = predict_cls(net.eval(), val["image"], val["mask"])
+    cols = {k: LABELS.index(k) for k in NIH_LABELS}
+    ops = {k: round(youden_threshold(val["labels"][:, j], probs[:, j]), 4) for k, j in cols.items()}
+    val_auroc = {k: round(auroc(val["labels"][:, j], probs[:, j]), 4) for k, j in cols.items()}
+    log.info("calibrated", operating_points=ops, validation_auroc=val_auroc)
+    seg_path, cls_path = out / "lung_heart_unet.onnx", out / "thoracic_classifier.onnx"
+    export_segmenter(unet, seg_path)
+    write_entry(seg_path, "lung_heart_unet", SEG_VERSION, {
+        "input_size": INPUT_SIZE, "segments": list(SEGMENTS), "unet_base": UNET_BASE, "unet_downsample": UNET_DOWNSAMPLE,
+        "training": seg_saved["training"], "validation_dice": {k: round(float(v), 4) for k, v in seg_saved["validation_dice"].items()},
     })
-    log.info("exported", seg=str(seg_path), cls=str(cls_path), seg_bytes=seg_path.stat().st_size, cls_bytes=cls_path.stat().st_size)
+    export_classifier(net, cls_path)
+    write_entry(cls_path, "thoracic_classifier", CLS_VERSION, {
+        "input_size": INPUT_SIZE, "labels": list(LABELS), "evaluated_labels": list(NIH_LABELS),
+        "operating_points": ops,
+        "operating_points_from": f"{len(val['labels'])} ChestX-ray14 validation images (split by patient, seed {args.split_seed}), "
+                                 "U-Net masks, Youden index",
+        "validation_auroc": val_auroc, "densenet": cfg.as_dict(), "training": cls_saved["training"],
+    })
+    log.info("exported", weights=str(out), seg_bytes=seg_path.stat().st_size, cls_bytes=cls_path.stat().st_size)
+    from .evaluate import main as evaluate_main
 
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        folders = phantom.write_phantoms(Path(tmp), args.n_test, SEEDS["test"])
-        metrics = evaluate_folders(folders, weights_dir=out)
-    metrics["held_out"] = f"{args.n_test} phantom studies, seed {SEEDS['test']} (never used in training or for operating points)"
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    log.info("metrics", **{k: v for k, v in metrics.items() if not isinstance(v, dict)})
+    evaluate_main(["--masks", str(args.masks), "--cxr14-csv", str(args.cxr14_csv), "--cxr14-images", str(args.cxr14_images),
+                   "--weights", str(out), "--write"])
 
 
-def stage_import(args: argparse.Namespace) -> None:
-    """A torchvision-layout DenseNet checkpoint (state dict, or a dict with ``state_dict``) to ONNX + registry."""
-    ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else ckpt
-    net = import_torchvision_densenet(state, head=args.head)
-    args.weights.mkdir(parents=True, exist_ok=True)
-    path = args.weights / f"{args.name}.onnx"
-    export_classifier(net, path)
-    extra = {"input_size": INPUT_SIZE, "labels": list(LABELS), "evaluated_labels": list(LABELS),
-             "operating_points": {k: 0.5 for k in LABELS}, "operating_points_from": "default 0.5; set per label from your validation data",
-             "densenet": net.cfg.as_dict(), "imported_from": Path(args.checkpoint).name, "head": args.head}
-    json_path = write_entry(path, args.name, args.version, False, extra)
-    print(json_path)
+def run(args: argparse.Namespace) -> None:
+    args.cache.mkdir(parents=True, exist_ok=True)
+    masks = cache_masks(args.masks, args.cache)
+    split = data.split_by_group(masks["stem"], args.split_seed, val=data.MASK_VAL, test=data.MASK_TEST)
+    if args.stage in ("all", "seg"):
+        stage_seg(args, masks, split)
+    if args.stage in ("all", "cls"):
+        stage_cls(args, masks, split)
+    if args.stage in ("all", "export"):
+        stage_export(args)
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m analyzers.chest_xray_thoracic.train", description=__doc__.split("\n")[0])
-    p.add_argument("stage", choices=["data", "seg", "cls", "from-onnx", "export", "import-densenet"])
-    p.add_argument("checkpoint", nargs="?", type=Path, help="import-densenet: the .pth state dict")
-    p.add_argument("--cache", type=Path, default=Path("/tmp/cxr_thoracic"))
+    p.add_argument("--masks", type=Path, required=True, help="folder of radiographs with lung and heart masks")
+    p.add_argument("--cxr14-csv", type=Path, required=True, help="ChestX-ray14 Data_Entry table")
+    p.add_argument("--cxr14-images", type=Path, required=True, help="folder with the table's PNG images")
+    p.add_argument("--stage", choices=["all", "seg", "cls", "export"], default="all",
+                   help="all (default: seg, cls, export); seg and cls train one network each into the cache "
+                        "(independent, so they can run side by side); export calibrates, writes the weights and metrics.json")
+    p.add_argument("--cache", type=Path, default=Path(".cache/chest_xray_thoracic"))
     p.add_argument("--weights", type=Path, default=WEIGHTS)
-    p.add_argument("--n-train", type=int, default=1600)
-    p.add_argument("--n-val", type=int, default=300)
-    p.add_argument("--n-seg", type=int, default=800, help="training phantoms used for the U-Net")
-    p.add_argument("--n-cls", type=int, default=1600, help="training phantoms used for the classifier")
-    p.add_argument("--n-test", type=int, default=200)
-    p.add_argument("--epochs", type=int, default=0)
+    p.add_argument("--phantoms", type=int, default=300)
+    p.add_argument("--seg-epochs", type=int, default=14)
+    p.add_argument("--cls-epochs", type=int, default=7)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="cls: continue from the cached classifier")
-    p.add_argument("--resume-onnx", type=Path, help="cls: continue from an ONNX classifier (with its registry json beside it)")
-    p.add_argument("--lr", type=float, default=2e-3, help="cls: peak learning rate of the one-cycle schedule")
-    p.add_argument("--label-weight", action="append", default=[], metavar="LABEL=W",
-                   help=f"cls: loss weight of a synthesised label (default {LESION_WEIGHT}, others 1)")
-    p.add_argument("--keep-segmenter", action="store_true", help="export: keep the U-Net's ONNX file and registry entry as they are")
+    p.add_argument("--split-seed", type=int, default=data.SPLIT_SEED)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--cxr14-csv", type=Path)
-    p.add_argument("--cxr14-images", type=Path)
-    p.add_argument("--cxr14-split", type=Path)
-    p.add_argument("--full-width", action="store_true", help="train a full DenseNet-121 (real data)")
-    p.add_argument("--head", choices=["global", "local"], default="global")
-    p.add_argument("--name", default="thoracic_classifier_imported")
-    p.add_argument("--version", default="1.0.0")
+    p.add_argument("--threads", type=int, default=1, help="torch threads; more than 1 is slower on a shared, busy CPU")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.stage == "import-densenet" and args.checkpoint is None:
-        p.error("import-densenet needs the checkpoint path")
-    {"data": stage_data, "seg": stage_seg, "cls": stage_cls, "from-onnx": stage_from_onnx, "export": stage_export,
-     "import-densenet": stage_import}[args.stage](args)
+    run(args)
 
 
 if __name__ == "__main__":

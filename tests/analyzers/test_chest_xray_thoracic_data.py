@@ -9,10 +9,10 @@ import pydicom
 import pytest
 from PIL import Image
 
-from dicomnode.analysis import NotApplicable
 from analyzers.chest_xray_thoracic import data, phantom, preprocess
-from analyzers.chest_xray_thoracic.model import LABELS
-from analyzers.chest_xray_thoracic.postprocess import cardiothoracic_ratio, outline
+from analyzers.chest_xray_thoracic.constants import LABELS
+from analyzers.chest_xray_thoracic.inference import cardiothoracic_ratio, ctr_geometry, outline
+from dicomnode.analysis import NotApplicable
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared"
 NIH = SHARED / "realdata" / "nih-chestxray14"
@@ -43,6 +43,46 @@ def test_chestxray14_reader_on_a_written_table(tmp_path):
     (tmp_path / "bad.csv").write_text("x,y\n1,2\n")
     with pytest.raises(ValueError, match="not a ChestX-ray14 Data_Entry table"):
         data.read_chestxray14(tmp_path / "bad.csv")
+
+
+def test_chestxray14_reader_takes_lower_case_columns(tmp_path):
+    Image.fromarray(np.full((32, 32), 90, np.uint8)).save(tmp_path / "x.png")
+    (tmp_path / "labels.csv").write_text("image,finding_labels,patient_id,age,sex,view\nx.png,Pneumonia|Edema,7,50,F,AP\n")
+    (rec,) = data.read_chestxray14(tmp_path / "labels.csv", tmp_path)
+    assert rec.patient_id == "7" and rec.view == "AP"
+    assert rec.labels[LABELS.index("Pneumonia")] == 1 and rec.labels[LABELS.index("Edema")] == 1 and rec.labels.sum() == 2
+
+
+def test_split_by_group_is_fixed_and_keeps_groups_together():
+    groups = np.repeat(np.arange(50), 3).astype(str)
+    a = data.split_by_group(groups, seed=14, val=0.2, test=0.2)
+    assert np.array_equal(a, data.split_by_group(groups[::-1], seed=14, val=0.2, test=0.2)[::-1])  # order does not matter
+    for g in np.unique(groups):
+        assert len(set(a[groups == g])) == 1
+    assert [int((a == s).sum()) // 3 for s in ("train", "val", "test")] == [30, 10, 10]
+    assert not np.array_equal(a, data.split_by_group(groups, seed=15, val=0.2, test=0.2))
+
+
+def test_mask_folder_reader_both_layouts(tmp_path):
+    img = np.zeros((24, 30), np.uint8)
+    (tmp_path / "a" / "images").mkdir(parents=True)
+    (tmp_path / "a" / "masks").mkdir()
+    Image.fromarray(img).save(tmp_path / "a" / "images" / "p1.png")
+    for i, s in enumerate(("right_lung", "left_lung", "heart")):
+        m = np.zeros_like(img)
+        m[2 + i : 10 + i, 3:9] = 255
+        Image.fromarray(m).save(tmp_path / "a" / "masks" / f"p1_{s}.png")
+    Image.fromarray(img).save(tmp_path / "a" / "images" / "p2.png")  # no masks: left out
+    (case,) = data.read_mask_folder(tmp_path / "a")
+    image, masks = case.load()
+    assert case.stem == "p1" and image.shape == (24, 30) and masks.shape == (3, 24, 30)
+    assert masks[2, 4:12, 3:9].all() and not masks[2, 2:4].any()
+    for folder in ("right lung", "left lung", "heart"):
+        (tmp_path / "b" / folder).mkdir(parents=True)
+        Image.fromarray(np.full((24, 30), 255, np.uint8)).save(tmp_path / "b" / folder / "JPCLN001.gif")
+    Image.fromarray(img).save(tmp_path / "b" / "JPCLN001.png")
+    (case,) = data.read_mask_folder(tmp_path / "b")
+    assert case.stem == "JPCLN001" and case.load()[1].all()
 
 
 def test_chestxray14_reader_on_the_public_table_and_images():
@@ -79,6 +119,13 @@ def test_ctr_and_outline_on_drawn_masks():
     masks[1, 20:80, 55:90] = True
     masks[2, 50:80, 30:70] = True  # heart 40 px wide
     assert cardiothoracic_ratio(masks) == pytest.approx(0.5)
+    # the cardiomediastinal silhouette: the mediastinum above, however wide, is not the heart
+    masks[2, 20:50, 45:55] = True
+    masks[2, 22:30, 20:80] = True
+    g = ctr_geometry(masks)
+    assert g.ctr == pytest.approx(0.5) and (g.heart_width_px, g.thorax_width_px) == (40, 80)
+    assert g.heart_line[:, 0].tolist() == [30, 70] and g.thorax_line[:, 0].tolist() == [10, 90]
+    assert g.heart_line[0, 1] == g.heart_line[1, 1] and 50 <= g.heart_line[0, 1] <= 80
     masks[2] = False
     assert np.isnan(cardiothoracic_ratio(masks))
     pts = outline(masks[0])
