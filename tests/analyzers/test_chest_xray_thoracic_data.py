@@ -199,3 +199,15 @@ def test_header_checks_accept_frontal_chest():
     preprocess.check_header(_ds(BodyPartExamined="CHEST", ViewPosition="PA", SeriesDescription="Chest PA"))
     preprocess.check_header(_ds(ViewPosition="AP"))
     preprocess.check_header(_ds(BodyPartExamined="KNEE", ViewPosition="PA"))  # routed by view position
+
+
+def test_evaluation_metrics_and_a_nan_or_missing_metric_fails():
+    from analyzers.chest_xray_thoracic.evaluate import REQUIRED, _missing_or_nan, auroc, bootstrap_ci
+
+    y = np.array([0, 0, 1, 1, 0, 1, 0, 1] * 10, bool)
+    p = np.where(y, 0.7, 0.3) + np.linspace(-0.25, 0.25, len(y))
+    lo, hi = bootstrap_ci(y, p, n=200)
+    assert lo <= auroc(y, p) <= hi and 0.5 < lo < hi <= 1.0
+    assert np.isnan(auroc(np.ones(4, bool), np.arange(4.0)))
+    assert _missing_or_nan({"a": {"b": float("nan"), "ok": 1.0}, "c": [0.5, float("inf")], "d": None}) == ["a.b", "c[1]"]
+    assert "cxr14_test.pneumonia_vs_no_finding.auroc" in REQUIRED
