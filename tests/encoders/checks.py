@@ -178,7 +178,10 @@ def check_seg(paths: list[Path], result: AnalysisResult, template: Template, stu
             algo = d.SegmentationAlgorithmIdentificationSequence[0]
             assert algo.AlgorithmName == result.analyzer
             assert algo.AlgorithmFamilyCodeSequence[0].CodeMeaning == "Artificial Intelligence"
-        assert seg.SegmentationType == ("FRACTIONAL" if seg_in.fractional else "BINARY")
+        hard_as_bytes = not seg_in.fractional and int(seg.Rows) * int(seg.Columns) % 8 != 0
+        assert seg.SegmentationType == ("FRACTIONAL" if seg_in.fractional or hard_as_bytes else "BINARY")
+        if seg.SegmentationType == "FRACTIONAL":
+            assert seg.SegmentationFractionalType == ("OCCUPANCY" if hard_as_bytes else "PROBABILITY")
         expected_frames = sum(1 for i in range(seg_in.masks.shape[0]) for j in range(seg_in.masks.shape[3]) if np.any(seg_in.masks[i, ..., j]))
         assert int(seg.NumberOfFrames) == expected_frames, "empty frames must be omitted, every non-empty one kept"
         for i, ref in enumerate(seg_in.sources):

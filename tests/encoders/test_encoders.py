@@ -137,6 +137,20 @@ def test_clinical_weights_drop_the_notice_and_fractional_seg_reads_back(study, t
     assert "not for clinical use" not in sc.ImageComments and CAPTION in sc.ImageComments
 
 
+def test_hard_masks_whose_frames_would_start_mid_byte_are_written_one_byte_per_pixel(template, tmp_path):
+    # 251 x 203 pixels: 1-bit frames would not start on a byte, which DICOMweb servers and OHIF misread.
+    study = cr_study(shape=(251, 203))
+    result = fixture_result(study)
+    objects = encode_result(result, study, EncoderContext(), template)
+    check_all(objects, result, template, study, tmp_path)
+    seg = next(ds for ds in objects if str(ds.SOPClassUID) == SEG_CLASS)
+    assert (seg.SegmentationType, seg.SegmentationFractionalType, seg.BitsAllocated) == ("FRACTIONAL", "OCCUPANCY", 8)
+    assert set(np.unique(seg.pixel_array)) == {0, int(seg.MaximumFractionalValue)}
+    aligned = next(ds for ds in encode_result(fixture_result(cr_study()), cr_study(), EncoderContext(), template)
+                   if str(ds.SOPClassUID) == SEG_CLASS)
+    assert (aligned.SegmentationType, aligned.BitsAllocated) == ("BINARY", 1)
+
+
 def test_heatmap_shape_mismatch_is_refused(study, template):
     result = fixture_result(study)
     result.heatmaps[0].data = result.heatmaps[0].data[:10]
