@@ -62,6 +62,9 @@ class FindingSpec:
 class MeasurementSpec:
     concept: CodedConcept
     unit: str
+    # Another measurement key: written under that measurement of the same group (HAS PROPERTIES),
+    # e.g. a translation in % under the translation in mm, so viewers give it no label line of its own.
+    property_of: str | None = None
 
     @property
     def unit_code(self) -> CodedConcept:
@@ -248,7 +251,13 @@ def load_template_file(path: Path) -> Template:
         template.measurements[key] = MeasurementSpec(
             concept=parse_code(_need(spec, "concept", at(f"measurements.{key}")), at(f"measurements.{key}.concept")),
             unit=str(unit),
+            property_of=str(spec["property_of"]) if spec.get("property_of") else None,
         )
+    for key, m in template.measurements.items():
+        target = template.measurements.get(m.property_of) if m.property_of else None
+        if m.property_of and (target is None or target.property_of):
+            raise TemplateError(f"{at(f'measurements.{key}.property_of')}: {m.property_of!r} must be another measurement "
+                                "of this template that is not itself a property_of one")
     for key, spec in _section(data, "sites", path).items():
         template.sites[key] = SiteSpec(
             concept=parse_code(_need(spec, "concept", at(f"sites.{key}")), at(f"sites.{key}.concept")),

@@ -3,8 +3,11 @@
 Layout, chosen so that OHIF and other TID 1500 readers show it:
 
 * one Planar ROI measurement group (TID 1410) per result group, on the group's
-  main image region (first polygon/polyline, else first point); every further
-  region of the group becomes its own group, so each SCOORD is drawn;
+  main image region (first polygon/polyline, else first point), with the group's
+  measurements and findings; every further region of the group (keypoints) is a
+  further group with the same tracking identifier and UID, for it is the same
+  object: OHIF draws each tracked object once, with its own few values;
+* finding sites sit on each measurement and finding, never on a group;
 * findings of a group are its qualitative evaluations; their probability and
   uncertainty are NUM items under the finding (HAS PROPERTIES);
 * measurements are TID 300 items with UCUM units; their uncertainty (one
@@ -104,8 +107,12 @@ def encode_sr(
         whole = _whole_image_region(result, root_measurements, ref_dataset)
         groups["Analysed image"] = _Group("Analysed image", regions=[whole], measurements=root_measurements)
     measurement_groups: list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations] = []
-    seen: dict[tuple[str, str, str], int] = {}
+    seen: dict[str, int] = {}
     for group in groups.values():
+        # One tracked object (a vertebra, a disc level) per group: its regions share the tracking UID,
+        # stable across re-runs of the same analysis and distinct within one report.
+        seen[group.name] = seen.get(group.name, 0) + 1
+        tracking_uid = stable_uid(study.study_instance_uid, result.analyzer, group.name, str(seen[group.name]))
         if not group.regions:
             raise EncodingError(
                 f"{result.analyzer}: measurement group {group.name!r} has no image region; every group needs one "
@@ -117,24 +124,17 @@ def encode_sr(
             is_main = region is main
             label = _region_label(region, template)
             identifier = label if label.startswith(group.name) else f"{group.name} {label}"
-            # Every region of a group carries the group's sites: viewers label each drawn region with them.
-            sites = _group_sites(group, template)
-            measurements = [_measurement(m, template, ref_dataset) for m in group.measurements] if is_main else []
+            # Sites go on each measurement and finding, not on the group: OHIF prints a group's
+            # finding site as "363698007: <meaning>", a code value the reader cannot use.
+            measurements = _group_measurements(group, template, ref_dataset) if is_main else []
             measurements += _region_measurements(region)
             evaluations = [_qualitative(f, template, ref_dataset, heatmap_images) for f in group.findings] if is_main else []
             evaluations += _region_evaluations(region)
-            # Stable across re-runs of the same analysis, distinct within one report.
-            name = (group.name, region.key, region.label)
-            seen[name] = seen.get(name, 0) + 1
             measurement_groups.append(
                 hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                    tracking_identifier=hd.sr.TrackingIdentifier(
-                        uid=stable_uid(study.study_instance_uid, result.analyzer, *name, str(seen[name])),
-                        identifier=identifier[:64],
-                    ),
+                    tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=identifier[:64]),
                     referenced_region=_image_region(region, ref_dataset(region.source, f"region {region.key!r}")),
                     algorithm_id=algorithm,
-                    finding_sites=sites or None,
                     measurements=measurements or None,
                     qualitative_evaluations=evaluations or None,
                 )
@@ -287,14 +287,6 @@ def _finding_site(site: str, template: Template) -> hd.sr.FindingSite:
     return hd.sr.FindingSite(anatomic_location=spec.concept, laterality=spec.laterality)
 
 
-def _group_sites(group: _Group, template: Template) -> list[hd.sr.FindingSite]:
-    keys: list[str] = []
-    for item in [*group.findings, *group.measurements]:
-        if item.site is not None and item.site not in keys:
-            keys.append(item.site)
-    return [_finding_site(k, template) for k in keys]
-
-
 def _finding_value(f: Finding, template: Template) -> CodedConcept:
     spec = template.findings[f.key]
     if f.value is None or not spec.evaluated:
@@ -379,6 +371,26 @@ def _measurement(m: Measurement, template: Template, ref_dataset) -> hd.sr.Measu
             num.ContentSequence = hd.sr.ContentSequence()
         num.ContentSequence.extend(children)
     return measurement
+
+
+def _group_measurements(group: _Group, template: Template, ref_dataset) -> list[hd.sr.Measurement]:
+    """The group's TID 300 measurements; one whose template names it ``property_of`` another in the
+    group goes under that one (HAS PROPERTIES), so a viewer prints a level's few lines, not one per value."""
+    built = {id(m): _measurement(m, template, ref_dataset) for m in group.measurements}
+    by_key = {m.key: built[id(m)] for m in group.measurements}
+    out = []
+    for m in group.measurements:
+        owner = by_key.get(template.measurements[m.key].property_of or "")
+        if owner is None:
+            out.append(built[id(m)])
+            continue
+        item = built[id(m)][0]
+        item.RelationshipType = _REL.HAS_PROPERTIES.value
+        num = owner[0]
+        if "ContentSequence" not in num:
+            num.ContentSequence = hd.sr.ContentSequence()
+        num.ContentSequence.append(item)
+    return out
 
 
 def _position_uncertainty(region: Region, relationship: "hd.sr.RelationshipTypeValues") -> hd.sr.NumContentItem:

@@ -90,12 +90,21 @@ def check_sr(path: Path, result: AnalysisResult, template: Template, study: Stud
     for m in result.measurements:
         spec = template.measurements[m.key]
         candidates = [group_of(m.group)] if m.group is not None else groups
-        items = [x for g in candidates for x in g.get_measurements(name=spec.concept)]
-        match = [x for x in items if abs(x.value - m.value) < 1e-3 * max(1.0, abs(m.value))]
+        items = [x[0] for g in candidates for x in g.get_measurements(name=spec.concept)]
+        if spec.property_of:
+            # Under its owner measurement (HAS PROPERTIES) when the owner is in the same group.
+            owner = template.measurements[spec.property_of].concept
+            nested = [c for g in candidates for x in g.get_measurements(name=owner) for c in x[0].ContentSequence
+                      if c.ValueType == "NUM" and _same(c.ConceptNameCodeSequence[0], spec.concept)]
+            owner_here = any(o.group == m.group and o.key == spec.property_of for o in result.measurements)
+            assert not (owner_here and items), f"measurement {m.key} should be under {spec.property_of}, not beside it"
+            items += nested
+        value = lambda item: float(item.MeasuredValueSequence[0].NumericValue)  # noqa: E731
+        match = [x for x in items if abs(value(x) - m.value) < 1e-3 * max(1.0, abs(m.value))]
         assert match, f"measurement {m.key}={m.value} not in the SR"
-        assert match[0].unit.value == m.unit
+        assert match[0].MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue == m.unit
         if m.uncertainty is not None:
-            children = match[0][0].ContentSequence
+            children = match[0].ContentSequence
             sd = [c for c in children if c.ConceptNameCodeSequence[0].CodeValue == codes.SCT.RangeOfMeasurementUncertainty.value]
             assert sd and abs(float(sd[0].MeasuredValueSequence[0].NumericValue) - m.uncertainty) < 1e-3
     root_items = find_content_items(report[0], name=QUALITATIVE_EVALUATIONS)

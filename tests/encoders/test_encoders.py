@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import pydicom
 import pytest
+from pydicom.sr.codedict import codes
 
 from dicomnode.analysis import Finding, Region, Segmentation, SourceRef, Study
 from dicomnode.encoders import EncoderContext, EncodingError, encode_result, series_number
@@ -195,18 +196,34 @@ def test_gsps_layers_carry_class_colours_and_keep_the_image_readable(template):
     assert float(voi.WindowWidth) > 1 and voi.ReferencedImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
 
 
-def test_tracking_uids_are_distinct_and_stable_across_runs(study, template):
+def test_one_tracking_uid_per_tracked_object_stable_across_runs(study, template):
     import highdicom as hd
 
     result = fixture_result(study)
     result.regions.append(dataclasses.replace(result.regions[1]))  # the same keypoint twice
-    uids = []
+    runs = []
     for _ in range(2):
         sr = encode_result(result, study, EncoderContext(), template)[0]
         groups = hd.sr.Comprehensive3DSR.from_dataset(sr).content.get_planar_roi_measurement_groups()
-        uids.append([g.tracking_uid for g in groups])
-    assert len(set(uids[0])) == len(uids[0]) == 5
-    assert uids[0] == uids[1]
+        runs.append([(g.tracking_identifier, g.tracking_uid) for g in groups])
+    assert len(runs[0]) == 5 and runs[0] == runs[1]
+    # The L3 outline and its keypoints are one tracked vertebra; the curve is another object.
+    by_object = {ident.split()[0]: {uid for i, uid in runs[0] if i.split()[0] == ident.split()[0]} for ident, _ in runs[0]}
+    assert sorted(by_object) == ["L3", "curve"] and all(len(u) == 1 for u in by_object.values())
+    assert by_object["L3"] != by_object["curve"]
+
+
+def test_no_group_carries_a_finding_site_and_each_measurement_keeps_its_own(study, template):
+    import highdicom as hd
+
+    result = fixture_result(study)
+    sr = hd.sr.Comprehensive3DSR.from_dataset(encode_result(result, study, EncoderContext(), template)[0])
+    groups = sr.content.get_planar_roi_measurement_groups()
+    for g in groups:
+        top = [x.ConceptNameCodeSequence[0].CodeValue for x in g[0].ContentSequence]
+        assert codes.SCT.FindingSite.value not in top, g.tracking_identifier
+    (height,) = [m for g in groups for m in g.get_measurements() if m.name.meaning == template.measurements["height"].concept.meaning]
+    assert [s.value.meaning for s in height.finding_sites] == [template.sites["L3"].concept.meaning]
 
 
 def test_empty_segmentation_writes_no_seg_and_bad_geometry_is_a_clear_error(study, template):
