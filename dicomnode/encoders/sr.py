@@ -4,9 +4,10 @@ Layout, chosen so that OHIF and other TID 1500 readers show it:
 
 * one Planar ROI measurement group (TID 1410) per result group, on the group's
   main image region (first polygon/polyline, else first point), with the group's
-  measurements and findings; every further region of the group (keypoints) is a
-  further group with the same tracking identifier and UID, for it is the same
-  object: OHIF draws each tracked object once, with its own few values;
+  measurements and findings; every further region of the group is a further
+  group, a point (a keypoint of the main outline) with the main region's
+  tracking UID, for it is the same object, so OHIF draws that object once with
+  its own few values; a further line or outline with a tracking UID of its own;
 * finding sites sit on each measurement and finding, never on a group;
 * findings of a group are its qualitative evaluations; their probability and
   uncertainty are NUM items under the finding (HAS PROPERTIES);
@@ -107,12 +108,8 @@ def encode_sr(
         whole = _whole_image_region(result, root_measurements, ref_dataset)
         groups["Analysed image"] = _Group("Analysed image", regions=[whole], measurements=root_measurements)
     measurement_groups: list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations] = []
-    seen: dict[str, int] = {}
+    seen: dict[tuple[str, str, str], int] = {}
     for group in groups.values():
-        # One tracked object (a vertebra, a disc level) per group: its regions share the tracking UID,
-        # stable across re-runs of the same analysis and distinct within one report.
-        seen[group.name] = seen.get(group.name, 0) + 1
-        tracking_uid = stable_uid(study.study_instance_uid, result.analyzer, group.name, str(seen[group.name]))
         if not group.regions:
             raise EncodingError(
                 f"{result.analyzer}: measurement group {group.name!r} has no image region; every group needs one "
@@ -120,8 +117,16 @@ def encode_sr(
                 f"{group.name!r}"
             )
         main = _main_region(group.regions)
+        tracking_uid = ""
         for region in [main] + [r for r in group.regions if r is not main]:
             is_main = region is main
+            if is_main or region.kind != "point":
+                # Tracking UIDs: stable across re-runs of the same analysis, distinct within one report.
+                # A further point (a keypoint of the main outline) is the same tracked object, so it
+                # shares the UID and OHIF draws the object once; a further line or outline is its own.
+                key = (group.name, region.key, region.label)
+                seen[key] = seen.get(key, 0) + 1
+                tracking_uid = stable_uid(study.study_instance_uid, result.analyzer, *key, str(seen[key]))
             label = _region_label(region, template)
             identifier = label if label.startswith(group.name) else f"{group.name} {label}"
             # Sites go on each measurement and finding, not on the group: OHIF prints a group's

@@ -211,6 +211,11 @@ def test_one_tracking_uid_per_tracked_object_stable_across_runs(study, template)
     by_object = {ident.split()[0]: {uid for i, uid in runs[0] if i.split()[0] == ident.split()[0]} for ident, _ in runs[0]}
     assert sorted(by_object) == ["L3", "curve"] and all(len(u) == 1 for u in by_object.values())
     assert by_object["L3"] != by_object["curve"]
+    # A second outline in a group is an object of its own.
+    result.regions.append(dataclasses.replace(result.regions[0], label="L3 second outline"))
+    sr = encode_result(result, study, EncoderContext(), template)[0]
+    groups = hd.sr.Comprehensive3DSR.from_dataset(sr).content.get_planar_roi_measurement_groups()
+    assert len({g.tracking_uid for g in groups}) == 3
 
 
 def test_no_group_carries_a_finding_site_and_each_measurement_keeps_its_own(study, template):

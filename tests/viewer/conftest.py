@@ -37,7 +37,8 @@ def viewer_report(analyzed, tmp_path_factory) -> dict:
         for study in analyzed.values():
             orthanc.upload(study.sources + study.results)
         with ohif.ViewerSite(orthanc.http_port) as site:
-            job = {"base": site.url, "width": 1400, "height": 900,
+            # A full-HD screen: the smallest a radiologist reads on.
+            job = {"base": site.url, "width": 1920, "height": 1080,
                    "views": [v for study in analyzed.values() for v in views(study)]}
             report = ohif.run_browser(job, SHOTS, timeout=600)
             report["failed_requests"] = list(site.failed_requests)

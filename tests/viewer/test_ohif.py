@@ -38,6 +38,13 @@ def _scoords(ds: pydicom.Dataset) -> int:
     return n
 
 
+def _overlap(a: dict, b: dict) -> float:
+    """Height in pixels of the overlap of two label boxes (0 when they do not meet)."""
+    dx = min(a["x"] + a["width"], b["x"] + b["width"]) - max(a["x"], b["x"])
+    dy = min(a["y"] + a["height"], b["y"] + b["height"]) - max(a["y"], b["y"])
+    return max(0.0, dy) if dx > 0 else 0.0
+
+
 def _viewport_pixels(view: dict) -> np.ndarray:
     box = view["viewportBox"]
     image = Image.open(view["screenshot"]).convert("L")
@@ -80,6 +87,10 @@ def test_each_sr_draws_its_measurements_with_readable_labels(viewer_report, anal
         for label in view["svgLabels"]:
             assert not RAW_CODE.search(label), f"label shows a raw code value: {label!r}; {where}"
             assert len(label.splitlines()) <= MAX_LABEL_LINES, f"label too long to read: {label!r}; {where}"
+        boxes = view["labelBoxes"]
+        for i, a in enumerate(boxes):
+            for b in boxes[i + 1:]:
+                assert _overlap(a, b) < 2, f"labels drawn over each other: {a['text']!r} and {b['text']!r}; {where}"
 
 
 @pytest.mark.parametrize("analyzer", ANALYZERS)

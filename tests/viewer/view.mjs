@@ -42,6 +42,8 @@ async function poll(fn, timeoutMs, everyMs = 200) {
 async function view(v) {
   // A fresh context is a fresh, throw-away profile (its own user data directory).
   const context = await browser.newContext({ viewport: { width: job.width, height: job.height }, deviceScaleFactor: 1 });
+  // The onboarding tour would cover the viewport: mark it as shown already.
+  await context.addInitScript(() => localStorage.setItem('shownTours', JSON.stringify(['basicViewerTour'])));
   const page = await context.newPage();
   const lines = [];
   const errors = [];
@@ -103,6 +105,12 @@ async function view(v) {
     }
   }
   await skipTour();
+  if (v.kind === 'SR') {
+    // OHIF offers to copy an SR's outlines into its own measurement tracking; a reader who only reads says No.
+    const prompt = page.getByText('Do you want to continue tracking measurements for this study?');
+    r.trackingPrompt = Boolean(await poll(async () => (await prompt.count()) && (await prompt.first().isVisible()), 3000));
+    if (r.trackingPrompt) await page.getByRole('button', { name: 'No', exact: true }).first().click().catch(() => {});
+  }
   if (v.kind === 'SEG') {
     const panel = page.locator('[data-cy="panelSegmentation-btn"]');
     if (await panel.count()) await panel.first().click().catch(() => {});
@@ -138,10 +146,14 @@ async function viewportState(page) {
     const shapes = svg.flatMap((s) => [...s.querySelectorAll('path, polyline, polygon, line, circle, ellipse, rect')])
       .filter((e) => !e.closest('button'));
     // A label is one <text> whose lines are <tspan>s.
-    const labels = svg.flatMap((s) => [...s.querySelectorAll('text')])
-      .map((e) => (e.querySelectorAll('tspan').length ? [...e.querySelectorAll('tspan')].map((t) => t.textContent.trim()) : [e.textContent.trim()])
-        .filter(Boolean).join('\n'))
-      .filter(Boolean);
+    const texts = svg.flatMap((s) => [...s.querySelectorAll('text')]);
+    const lines = (e) => (e.querySelectorAll('tspan').length ? [...e.querySelectorAll('tspan')].map((t) => t.textContent.trim()) : [e.textContent.trim()])
+      .filter(Boolean).join('\n');
+    const labels = texts.map(lines).filter(Boolean);
+    const labelBoxes = texts.filter((e) => lines(e)).map((e) => {
+      const b = e.getBoundingClientRect();
+      return { text: lines(e), x: b.x, y: b.y, width: b.width, height: b.height };
+    });
     const annotations = new Set(svg.flatMap((s) => [...s.querySelectorAll('[data-annotation-uid]')])
       .map((e) => e.getAttribute('data-annotation-uid')));
     const segPanel = document.querySelector('[data-cy="panelSegmentation"]') || document.querySelector('[data-cy="segmentation-panel"]');
@@ -152,6 +164,7 @@ async function viewportState(page) {
       svgShapes: shapes.length,
       annotations: annotations.size,
       svgLabels: labels,
+      labelBoxes,
       segmentRows,
       segmentationPanel: text(segPanel),
       somethingWentWrong: /Something went wrong/i.test(document.body.innerText),
