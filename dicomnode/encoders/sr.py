@@ -442,8 +442,42 @@ def _whole_image_region(result: AnalysisResult, measurements: list[Measurement],
     return Region("analysed_image", "polygon", [[0, 0], [cols, 0], [cols, rows], [0, rows]], refs[0], label="Analysed image")
 
 
+def key_findings(result: AnalysisResult, template: Template) -> str:
+    """The report's one-line summary: the template's key findings and measurements, every other
+    finding judged present, and whether a person must review, e.g.
+    ``Cobb angle T8: 14.3 deg; Scoliosis: present (p 0.97); Review required: C3 spinous process ...``."""
+    parts: list[str] = []
+
+    def finding_text(f: Finding) -> str | None:
+        spec = template.findings[f.key]
+        if f.value is None or not spec.evaluated:
+            return None
+        text = f"{spec.concept.meaning}: {_finding_value(f, template).meaning.lower()}"
+        return text + (f" (p {f.probability:.2f})" if f.probability is not None and np.isfinite(f.probability) else "")
+
+    for key in template.key_findings:
+        for f in (f for f in result.findings if f.key == key):
+            if (text := finding_text(f)) is not None:
+                parts.append(text)
+        for m in (m for m in result.measurements if m.key == key):
+            unit = "" if m.unit == "1" else f" {m.unit}"
+            parts.append(f"{template.measurements[key].concept.meaning}{' ' + m.site if m.site else ''}: {m.value:.{2 if m.unit == '1' else 1}f}{unit}")
+    present = [f for f in result.findings if f.key not in template.key_findings and template.findings[f.key].is_boolean
+               and template.findings[f.key].evaluated and f.value is not None and bool(f.value)]
+    for f in sorted(present, key=lambda f: -(f.probability or 0.0)):
+        parts.append(finding_text(f) or "")
+    if result.review_required:
+        reasons = result.review_reasons
+        more = f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else ""
+        parts.append(f"Review required: {reasons[0]}{more}" if reasons else "Review required")
+    return "; ".join(p for p in parts if p) or "Nothing found by this model"
+
+
 def _root_evaluations(result, template, root_findings, ref_dataset, heatmap_images) -> list[hd.sr.ContentItem]:
-    items: list[hd.sr.ContentItem] = []
+    # The summary comes first, so a reader of the report's text sees it before the detail.
+    items: list[hd.sr.ContentItem] = [
+        hd.sr.TextContentItem(name=codes.DCM.Summary, value=key_findings(result, template)[:1024], relationship_type=_REL.CONTAINS)
+    ]
     reported = set()
     for f in root_findings:
         reported.add(f.key)

@@ -110,6 +110,9 @@ def check_sr(path: Path, result: AnalysisResult, template: Template, study: Stud
     root_items = find_content_items(report[0], name=QUALITATIVE_EVALUATIONS)
     assert root_items, "the SR has no root Qualitative Evaluations"
     root = list(root_items[0].ContentSequence)
+    summary = root[0]
+    assert summary.ValueType == "TEXT" and summary.ConceptNameCodeSequence[0].CodeValue == codes.DCM.Summary.value
+    assert summary.TextValue.strip(), "the report's summary is empty"
     for f in result.findings:
         spec = template.findings[f.key]
         if f.group is None:

@@ -218,6 +218,23 @@ def test_one_tracking_uid_per_tracked_object_stable_across_runs(study, template)
     assert len({g.tracking_uid for g in groups}) == 3
 
 
+def test_summary_names_key_findings_then_findings_present_then_review(study, template):
+    from dicomnode.encoders.sr import key_findings
+
+    result = fixture_result(study)
+    assert key_findings(result, template) == (
+        "Cardiomegaly: present (p 0.83); Review required: L3 posterior-inferior corner is highly uncertain"
+    )
+    keyed = dataclasses.replace(template, key_findings=["cobb", "curves"])
+    result.review_required, result.review_reasons = False, []
+    assert key_findings(result, keyed) == (
+        "Cobb angle: 12.5 deg; Number of scoliotic curves: more than one curve (p 0.61); Cardiomegaly: present (p 0.83)"
+    )
+    result.findings = [f for f in result.findings if f.key != "cardiomegaly"]
+    result.measurements = []
+    assert key_findings(result, template) == "Nothing found by this model"
+
+
 def test_no_group_carries_a_finding_site_and_each_measurement_keeps_its_own(study, template):
     import highdicom as hd
 
