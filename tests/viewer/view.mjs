@@ -106,23 +106,24 @@ async function view(v) {
   }
   await skipTour();
   if (v.kind === 'SR') {
-    // OHIF offers to copy an SR's outlines into its own measurement tracking; a reader who only reads says No.
+    // OHIF may offer to copy the SR's outlines into its own measurement tracking. A reader who only
+    // reads leaves the offer open (answering No would also clear the drawing).
     const prompt = page.getByText('Do you want to continue tracking measurements for this study?');
     r.trackingPrompt = Boolean(await poll(async () => (await prompt.count()) && (await prompt.first().isVisible()), 3000));
-    if (r.trackingPrompt) await page.getByRole('button', { name: 'No', exact: true }).first().click().catch(() => {});
   }
   if (v.kind === 'SEG') {
     const panel = page.locator('[data-cy="panelSegmentation-btn"]');
     if (await panel.count()) await panel.first().click().catch(() => {});
   }
   // Wait for what the view is about: segment rows with loading finished, or drawn SR annotations.
-  r.ready = Boolean(await poll(async () => {
+  const shown = async () => {
     const s = await viewportState(page);
     const loading = /Loading/i.test(s.viewportText);
     if (v.kind === 'SEG') return s.segmentRows.length > 0 && !loading;
-    if (v.kind === 'SR') return s.svgShapes > 0 && !loading;
+    if (v.kind === 'SR') return s.annotations > 0 && !loading;
     return s.canvases > 0 && !loading;
-  }, 30000));
+  };
+  r.ready = Boolean(await poll(shown, 30000));
   await networkIdle();
   await page.waitForTimeout(job.settleMs ?? 1500);
   Object.assign(r, await viewportState(page));
@@ -175,7 +176,14 @@ async function viewportState(page) {
 const report = { base: job.base, views: [] };
 let rc = 0;
 try {
-  for (const v of job.views) report.views.push(await view(v));
+  for (const v of job.views) {
+    let r = await view(v);
+    // OHIF 3.13 now and then opens an SR without drawing it (its measurements meet the image's
+    // display set in the wrong order; a busy machine makes it likelier). A fresh page is a fair
+    // second look; the report keeps the count, and a second miss fails the test.
+    if (v.kind === 'SR' && !r.ready) r = { ...(await view(v)), attempts: 2 };
+    report.views.push(r);
+  }
 } catch (e) {
   rc = 2;
   report.harnessError = String(e.stack || e);
