@@ -2,9 +2,12 @@
 # Prepares a Debian machine for dicomnode: system packages and the virtual environment at .venv.
 #   scripts/setup.sh run    what the node needs to run (default)
 #   scripts/setup.sh test   that, plus the real DICOM peers and tools the test suite talks to
+#   scripts/setup.sh viewer that, plus what the viewer suite (tests/viewer) drives: Debian's chromium,
+#                           Node.js, and the OHIF viewer and playwright-core from npm, into .viewer/
 set -euo pipefail
 cd "$(dirname "$0")/.."
 purpose=${1:-run}
+case "$purpose" in run|test|viewer) ;; *) echo "setup: unknown purpose '$purpose'; use run, test or viewer" >&2; exit 2;; esac
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
@@ -19,11 +22,15 @@ pick_python() {
 }
 if ! PY=$(pick_python); then apt_packages+=(python3.11 python3.11-venv); fi
 if [ -n "${PY:-}" ] && ! "$PY" -c 'import ensurepip, venv' 2>/dev/null; then apt_packages+=(python3.11-venv); fi
-if [ "$purpose" = test ]; then
+if [ "$purpose" != run ]; then
     for cmd_pkg in storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc; do
         command -v "${cmd_pkg%%:*}" >/dev/null || apt_packages+=("${cmd_pkg##*:}")
     done
     [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || apt_packages+=(orthanc-dicomweb)
+fi
+if [ "$purpose" = viewer ]; then
+    command -v chromium >/dev/null || apt_packages+=(chromium)
+    command -v npm >/dev/null || apt_packages+=(nodejs npm)
 fi
 if [ ${#apt_packages[@]} -gt 0 ]; then
     echo "setup: installing Debian packages: ${apt_packages[*]}"
@@ -39,7 +46,7 @@ fi
 
 extras=cpu
 if [ "${DICOMNODE_GPU:-}" = 1 ] || { command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; }; then extras=gpu; fi
-[ "$purpose" = test ] && extras="$extras,train,dev"
+[ "$purpose" != run ] && extras="$extras,train,dev"
 
 if [ ! -x .venv/bin/python ]; then
     echo "setup: creating .venv with $("$PY" --version)"
@@ -53,4 +60,5 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     .venv/bin/python -m pip install -q -e ".[$extras]"
     echo "$want" > "$stamp"
 fi
+[ "$purpose" = viewer ] && bash scripts/viewer_setup.sh
 echo "setup: ready ($purpose)"

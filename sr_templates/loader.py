@@ -62,6 +62,9 @@ class FindingSpec:
 class MeasurementSpec:
     concept: CodedConcept
     unit: str
+    # Another measurement key: written under that measurement of the same group (HAS PROPERTIES),
+    # e.g. a translation in % under the translation in mm, so viewers give it no label line of its own.
+    property_of: str | None = None
 
     @property
     def unit_code(self) -> CodedConcept:
@@ -100,6 +103,8 @@ class Template:
     sites: dict[str, SiteSpec] = field(default_factory=dict)
     regions: dict[str, RegionSpec] = field(default_factory=dict)
     segments: dict[str, SegmentSpec] = field(default_factory=dict)
+    # Finding and measurement keys the report's one-line summary names first, in this order.
+    key_findings: list[str] = field(default_factory=list)
     path: Path | None = None
 
     def where(self, kind: str, key: str) -> str:
@@ -227,9 +232,13 @@ def load_template_file(path: Path) -> Template:
         series_description=str(data["series_description"]),
         path=path,
     )
-    unknown = set(data) - {"analyzer", "title", "procedure", "series_description", *_KINDS}
+    unknown = set(data) - {"analyzer", "title", "procedure", "series_description", "key_findings", *_KINDS}
     if unknown:
         raise TemplateError(f"{path}: unknown top-level keys {', '.join(sorted(unknown))}")
+    key_findings = data.get("key_findings") or []
+    if not isinstance(key_findings, list):
+        raise TemplateError(f"{at('key_findings')}: must be a list of finding or measurement keys")
+    template.key_findings = [str(k) for k in key_findings]
     for key, spec in _section(data, "findings", path).items():
         values = spec.get("values", "boolean")
         if values == "boolean":
@@ -248,7 +257,16 @@ def load_template_file(path: Path) -> Template:
         template.measurements[key] = MeasurementSpec(
             concept=parse_code(_need(spec, "concept", at(f"measurements.{key}")), at(f"measurements.{key}.concept")),
             unit=str(unit),
+            property_of=str(spec["property_of"]) if spec.get("property_of") else None,
         )
+    for key, m in template.measurements.items():
+        target = template.measurements.get(m.property_of) if m.property_of else None
+        if m.property_of and (target is None or target.property_of):
+            raise TemplateError(f"{at(f'measurements.{key}.property_of')}: {m.property_of!r} must be another measurement "
+                                "of this template that is not itself a property_of one")
+    for key in template.key_findings:
+        if key not in template.findings and key not in template.measurements:
+            raise TemplateError(f"{at('key_findings')}: {key!r} is neither a finding nor a measurement of this template")
     for key, spec in _section(data, "sites", path).items():
         template.sites[key] = SiteSpec(
             concept=parse_code(_need(spec, "concept", at(f"sites.{key}")), at(f"sites.{key}.concept")),

@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 DCMTK = Path("/usr/bin")
 ORTHANC_BIN = Path(os.environ.get("ORTHANC_BIN", "/usr/sbin/Orthanc"))
+DICOMWEB_PLUGIN = Path(os.environ.get("DICOMWEB_PLUGIN", "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"))
 # Debian's DCMTK and Orthanc leave Nagle's algorithm on unless told otherwise (~60 ms per instance).
 PEER_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
@@ -78,9 +79,10 @@ class Orthanc:
     """A private Orthanc on free loopback ports, standing in for the hospital PACS."""
 
     def __init__(self, workdir: Path, aet: str = "PACS", modalities: dict[str, list[Any]] | None = None,
-                 lua_scripts: list[Path] | None = None) -> None:
+                 lua_scripts: list[Path] | None = None, dicomweb: bool = False) -> None:
         self.workdir = Path(workdir)
         self.aet = aet
+        self.dicomweb = dicomweb
         self.dicom_port = free_port()
         self.http_port = free_port()
         self.modalities = modalities or {}
@@ -113,6 +115,12 @@ class Orthanc:
             "SaveJobs": False,
             "LuaScripts": self.lua_scripts,
         }
+        if self.dicomweb:
+            # No "Host": the plugin then writes BulkDataURIs from each request's Host header, so a
+            # viewer that reaches Orthanc through a proxy gets URIs that point back at the proxy.
+            conf["Plugins"] = [str(DICOMWEB_PLUGIN)]
+            conf["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "WadoRoot": "/wado",
+                                "StudiesMetadata": "Full", "SeriesMetadata": "Full"}
         (self.workdir / "orthanc.json").write_text(json.dumps(conf, indent=2))
         log = open(self.workdir / "orthanc.log", "ab")
         self.proc = subprocess.Popen([str(ORTHANC_BIN), str(self.workdir / "orthanc.json")], env=PEER_ENV,
@@ -135,6 +143,16 @@ class Orthanc:
         with urllib.request.urlopen(self.url + path, timeout=30) as r:
             body = r.read()
         return json.loads(body) if body[:1] in (b"{", b"[") else body
+
+    def upload(self, files: list[Path]) -> list[str]:
+        """Store files through the REST API (POST /instances); returns their Orthanc ids."""
+        ids = []
+        for f in files:
+            req = urllib.request.Request(self.url + "/instances", data=Path(f).read_bytes(),
+                                         headers={"Content-Type": "application/dicom"}, method="POST")
+            with urllib.request.urlopen(req, timeout=60) as r:
+                ids.append(json.loads(r.read())["ID"])
+        return ids
 
     def instances(self) -> list[str]:
         return self.get("/instances")

@@ -64,6 +64,8 @@ MEASUREMENT_UNITS = {
 }
 LEVEL_SITES = tuple(f"{a}-{b}" for labels in (CERVICAL, LUMBAR) for a, b in zip(labels[:-1], labels[1:]))
 SPAN_SITES = (f"{CERVICAL[0]}-{CERVICAL[-1]}", f"{LUMBAR[0]}-{LUMBAR[-1]}")
+# Measurements of a level that belong to its upper vertebra (the one that slips).
+LISTHESIS = ("sagittal_translation", "sagittal_translation_percent")
 HIGH_FLAG = "depends_on_highly_uncertain_point"
 
 
@@ -112,7 +114,7 @@ class SpineXrayKeypoints(Analyzer):
     title = "Lateral spine radiograph keypoints with uncertainty and mensuration (BayeRegX)"
     outputs = Outputs(
         measurements=MEASUREMENT_UNITS,
-        regions=(*POINT_KEYS, "vertebral_body_outline", "adjacent_endplates", "posterior_wall_line"),
+        regions=(*POINT_KEYS, "vertebral_body_outline", "adjacent_endplates", "end_endplate"),
         sites=(*CERVICAL, *LUMBAR, *LEVEL_SITES, *SPAN_SITES),
     )
 
@@ -234,7 +236,9 @@ class SpineXrayKeypoints(Analyzer):
         sigma = {p.label: p.sigma_mm for p in preds}
         for v in measure(points, spacing, region, sigma):
             flags = (HIGH_FLAG,) if any(classes[lab][i] is UncertaintyClass.HIGH for lab, i in v.depends_on) else ()
-            result.measurements.append(Measurement(v.key, float(v.value), v.unit, site=v.group, group=v.group, source=source, uncertainty=v.sigma, flags=flags))
+            # Listhesis is read as the upper vertebra slipping on the lower one, so it sits with that vertebra.
+            group = v.group.split("-")[0] if v.key in LISTHESIS else v.group
+            result.measurements.append(Measurement(v.key, float(v.value), v.unit, site=v.group, group=group, source=source, uncertainty=v.sigma, flags=flags))
         for up, lo in zip(labels[:-1], labels[1:]):
             if up in points and lo in points:
                 u, l = np.clip(points[up], 0, [cols, rows]), np.clip(points[lo], 0, [cols, rows])
@@ -242,8 +246,10 @@ class SpineXrayKeypoints(Analyzer):
                 result.regions.append(Region("adjacent_endplates", "polyline", line, source, group=f"{up}-{lo}", label=f"{up}-{lo} endplates"))
         span = f"{labels[0]}-{labels[-1]}"
         if any(m.group == span for m in result.measurements):
-            wall = np.concatenate([np.clip(points[k][[1, 2]], 0, [cols, rows]) for k in labels if k in points])
-            result.regions.append(Region("posterior_wall_line", "polyline", wall, source, group=span, label=f"{span} posterior vertebral walls"))
+            # Lordosis is the angle between the top vertebra's upper and the bottom one's lower endplate.
+            top, bottom = np.clip(points[labels[0]], 0, [cols, rows]), np.clip(points[labels[-1]], 0, [cols, rows])
+            result.regions.append(Region("end_endplate", "polyline", top[[0, 1]], source, group=span, label=f"{span} lordosis, {labels[0]} upper endplate"))
+            result.regions.append(Region("end_endplate", "polyline", bottom[[3, 2]], source, group=span, label=f"{span} lordosis, {labels[-1]} lower endplate"))
         missing = [k for k in labels if k not in points]
         if missing:
             result.review_reasons.append(f"vertebra{'e' if len(missing) > 1 else ''} {', '.join(missing)} not found")

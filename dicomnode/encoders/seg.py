@@ -84,9 +84,16 @@ def _encode_one(result, study, ctx, template, seg: Segmentation, algorithm, seri
         if spec.laterality is not None:
             description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [spec.laterality]
         descriptions.append(description)
+    fractional_type = hd.seg.SegmentationFractionalTypeValues.PROBABILITY
     if seg.fractional:
         pixels = np.clip(np.nan_to_num(masks.astype(np.float32)), 0.0, 1.0)
         seg_type = hd.seg.SegmentationTypeValues.FRACTIONAL
+    elif not byte_aligned_frames(sources[0]):
+        # 1-bit frames are packed back to back, so here each one starts mid-byte; Orthanc's DICOMweb
+        # cannot cut such frames out and OHIF's reader misplaces them. One byte per pixel (occupancy 0 or 1) reads right everywhere.
+        pixels = masks.astype(np.float32)
+        seg_type = hd.seg.SegmentationTypeValues.FRACTIONAL
+        fractional_type = hd.seg.SegmentationFractionalTypeValues.OCCUPANCY
     else:
         pixels = masks.astype(bool)
         seg_type = hd.seg.SegmentationTypeValues.BINARY
@@ -105,7 +112,7 @@ def _encode_one(result, study, ctx, template, seg: Segmentation, algorithm, seri
             manufacturer_model_name=ctx.model_name,
             software_versions=ctx.software_version,
             device_serial_number=ctx.device_serial,
-            fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
+            fractional_type=fractional_type,
             content_description=f"{result.analyzer} {result.analyzer_version} segmentation"[:64],
             content_label="AI_SEG",
             content_creator_name=None,
@@ -122,6 +129,11 @@ def _encode_one(result, study, ctx, template, seg: Segmentation, algorithm, seri
     if "FrameOfReferenceUID" not in sources[0] and "ImageOrientationPatient" not in sources[0]:
         _add_image_plane_orientation(obj)
     return finish(obj, sources[0], ctx, description)
+
+
+def byte_aligned_frames(source: pydicom.Dataset) -> bool:
+    """Whether 1-bit frames of the source's size each start on a byte (Rows x Columns a multiple of 8)."""
+    return int(source.Rows) * int(source.Columns) % 8 == 0
 
 
 def _complete_pixel_measures(obj: pydicom.Dataset, source: pydicom.Dataset) -> None:

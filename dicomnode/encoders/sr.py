@@ -3,8 +3,12 @@
 Layout, chosen so that OHIF and other TID 1500 readers show it:
 
 * one Planar ROI measurement group (TID 1410) per result group, on the group's
-  main image region (first polygon/polyline, else first point); every further
-  region of the group becomes its own group, so each SCOORD is drawn;
+  main image region (first polygon/polyline, else first point), with the group's
+  measurements and findings; every further region of the group is a further
+  group, a point (a keypoint of the main outline) with the main region's
+  tracking UID, for it is the same object, so OHIF draws that object once with
+  its own few values; a further line or outline with a tracking UID of its own;
+* finding sites sit on each measurement and finding, never on a group;
 * findings of a group are its qualitative evaluations; their probability and
   uncertainty are NUM items under the finding (HAS PROPERTIES);
 * measurements are TID 300 items with UCUM units; their uncertainty (one
@@ -113,28 +117,29 @@ def encode_sr(
                 f"{group.name!r}"
             )
         main = _main_region(group.regions)
+        tracking_uid = ""
         for region in [main] + [r for r in group.regions if r is not main]:
             is_main = region is main
+            if is_main or region.kind != "point":
+                # Tracking UIDs: stable across re-runs of the same analysis, distinct within one report.
+                # A further point (a keypoint of the main outline) is the same tracked object, so it
+                # shares the UID and OHIF draws the object once; a further line or outline is its own.
+                key = (group.name, region.key, region.label)
+                seen[key] = seen.get(key, 0) + 1
+                tracking_uid = stable_uid(study.study_instance_uid, result.analyzer, *key, str(seen[key]))
             label = _region_label(region, template)
             identifier = label if label.startswith(group.name) else f"{group.name} {label}"
-            # Every region of a group carries the group's sites: viewers label each drawn region with them.
-            sites = _group_sites(group, template)
-            measurements = [_measurement(m, template, ref_dataset) for m in group.measurements] if is_main else []
+            # Sites go on each measurement and finding, not on the group: OHIF prints a group's
+            # finding site as "363698007: <meaning>", a code value the reader cannot use.
+            measurements = _group_measurements(group, template, ref_dataset) if is_main else []
             measurements += _region_measurements(region)
             evaluations = [_qualitative(f, template, ref_dataset, heatmap_images) for f in group.findings] if is_main else []
             evaluations += _region_evaluations(region)
-            # Stable across re-runs of the same analysis, distinct within one report.
-            name = (group.name, region.key, region.label)
-            seen[name] = seen.get(name, 0) + 1
             measurement_groups.append(
                 hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                    tracking_identifier=hd.sr.TrackingIdentifier(
-                        uid=stable_uid(study.study_instance_uid, result.analyzer, *name, str(seen[name])),
-                        identifier=identifier[:64],
-                    ),
+                    tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=identifier[:64]),
                     referenced_region=_image_region(region, ref_dataset(region.source, f"region {region.key!r}")),
                     algorithm_id=algorithm,
-                    finding_sites=sites or None,
                     measurements=measurements or None,
                     qualitative_evaluations=evaluations or None,
                 )
@@ -287,14 +292,6 @@ def _finding_site(site: str, template: Template) -> hd.sr.FindingSite:
     return hd.sr.FindingSite(anatomic_location=spec.concept, laterality=spec.laterality)
 
 
-def _group_sites(group: _Group, template: Template) -> list[hd.sr.FindingSite]:
-    keys: list[str] = []
-    for item in [*group.findings, *group.measurements]:
-        if item.site is not None and item.site not in keys:
-            keys.append(item.site)
-    return [_finding_site(k, template) for k in keys]
-
-
 def _finding_value(f: Finding, template: Template) -> CodedConcept:
     spec = template.findings[f.key]
     if f.value is None or not spec.evaluated:
@@ -381,6 +378,26 @@ def _measurement(m: Measurement, template: Template, ref_dataset) -> hd.sr.Measu
     return measurement
 
 
+def _group_measurements(group: _Group, template: Template, ref_dataset) -> list[hd.sr.Measurement]:
+    """The group's TID 300 measurements; one whose template names it ``property_of`` another in the
+    group goes under that one (HAS PROPERTIES), so a viewer prints a level's few lines, not one per value."""
+    built = {id(m): _measurement(m, template, ref_dataset) for m in group.measurements}
+    by_key = {m.key: built[id(m)] for m in group.measurements}
+    out = []
+    for m in group.measurements:
+        owner = by_key.get(template.measurements[m.key].property_of or "")
+        if owner is None:
+            out.append(built[id(m)])
+            continue
+        item = built[id(m)][0]
+        item.RelationshipType = _REL.HAS_PROPERTIES.value
+        num = owner[0]
+        if "ContentSequence" not in num:
+            num.ContentSequence = hd.sr.ContentSequence()
+        num.ContentSequence.append(item)
+    return out
+
+
 def _position_uncertainty(region: Region, relationship: "hd.sr.RelationshipTypeValues") -> hd.sr.NumContentItem:
     return hd.sr.NumContentItem(
         name=GENERIC_CODES["position_uncertainty"], value=float(region.uncertainty), unit=codes.UCUM.Millimeter,
@@ -425,8 +442,42 @@ def _whole_image_region(result: AnalysisResult, measurements: list[Measurement],
     return Region("analysed_image", "polygon", [[0, 0], [cols, 0], [cols, rows], [0, rows]], refs[0], label="Analysed image")
 
 
+def key_findings(result: AnalysisResult, template: Template) -> str:
+    """The report's one-line summary: the template's key findings and measurements, every other
+    finding judged present, and whether a person must review, e.g.
+    ``Cobb angle T8: 14.3 deg; Scoliosis: present (p 0.97); Review required: C3 spinous process ...``."""
+    parts: list[str] = []
+
+    def finding_text(f: Finding) -> str | None:
+        spec = template.findings[f.key]
+        if f.value is None or not spec.evaluated:
+            return None
+        text = f"{spec.concept.meaning}: {_finding_value(f, template).meaning.lower()}"
+        return text + (f" (p {f.probability:.2f})" if f.probability is not None and np.isfinite(f.probability) else "")
+
+    for key in template.key_findings:
+        for f in (f for f in result.findings if f.key == key):
+            if (text := finding_text(f)) is not None:
+                parts.append(text)
+        for m in (m for m in result.measurements if m.key == key):
+            unit = "" if m.unit == "1" else f" {m.unit}"
+            parts.append(f"{template.measurements[key].concept.meaning}{' ' + m.site if m.site else ''}: {m.value:.{2 if m.unit == '1' else 1}f}{unit}")
+    present = [f for f in result.findings if f.key not in template.key_findings and template.findings[f.key].is_boolean
+               and template.findings[f.key].evaluated and f.value is not None and bool(f.value)]
+    for f in sorted(present, key=lambda f: -(f.probability or 0.0)):
+        parts.append(finding_text(f) or "")
+    if result.review_required:
+        reasons = result.review_reasons
+        more = f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else ""
+        parts.append(f"Review required: {reasons[0]}{more}" if reasons else "Review required")
+    return "; ".join(p for p in parts if p) or "Nothing found by this model"
+
+
 def _root_evaluations(result, template, root_findings, ref_dataset, heatmap_images) -> list[hd.sr.ContentItem]:
-    items: list[hd.sr.ContentItem] = []
+    # The summary comes first, so a reader of the report's text sees it before the detail.
+    items: list[hd.sr.ContentItem] = [
+        hd.sr.TextContentItem(name=codes.DCM.Summary, value=key_findings(result, template)[:1024], relationship_type=_REL.CONTAINS)
+    ]
     reported = set()
     for f in root_findings:
         reported.add(f.key)

@@ -90,17 +90,29 @@ def check_sr(path: Path, result: AnalysisResult, template: Template, study: Stud
     for m in result.measurements:
         spec = template.measurements[m.key]
         candidates = [group_of(m.group)] if m.group is not None else groups
-        items = [x for g in candidates for x in g.get_measurements(name=spec.concept)]
-        match = [x for x in items if abs(x.value - m.value) < 1e-3 * max(1.0, abs(m.value))]
+        items = [x[0] for g in candidates for x in g.get_measurements(name=spec.concept)]
+        if spec.property_of:
+            # Under its owner measurement (HAS PROPERTIES) when the owner is in the same group.
+            owner = template.measurements[spec.property_of].concept
+            nested = [c for g in candidates for x in g.get_measurements(name=owner) for c in x[0].ContentSequence
+                      if c.ValueType == "NUM" and _same(c.ConceptNameCodeSequence[0], spec.concept)]
+            owner_here = any(o.group == m.group and o.key == spec.property_of for o in result.measurements)
+            assert not (owner_here and items), f"measurement {m.key} should be under {spec.property_of}, not beside it"
+            items += nested
+        value = lambda item: float(item.MeasuredValueSequence[0].NumericValue)  # noqa: E731
+        match = [x for x in items if abs(value(x) - m.value) < 1e-3 * max(1.0, abs(m.value))]
         assert match, f"measurement {m.key}={m.value} not in the SR"
-        assert match[0].unit.value == m.unit
+        assert match[0].MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue == m.unit
         if m.uncertainty is not None:
-            children = match[0][0].ContentSequence
+            children = match[0].ContentSequence
             sd = [c for c in children if c.ConceptNameCodeSequence[0].CodeValue == codes.SCT.RangeOfMeasurementUncertainty.value]
             assert sd and abs(float(sd[0].MeasuredValueSequence[0].NumericValue) - m.uncertainty) < 1e-3
     root_items = find_content_items(report[0], name=QUALITATIVE_EVALUATIONS)
     assert root_items, "the SR has no root Qualitative Evaluations"
     root = list(root_items[0].ContentSequence)
+    summary = root[0]
+    assert summary.ValueType == "TEXT" and summary.ConceptNameCodeSequence[0].CodeValue == codes.DCM.Summary.value
+    assert summary.TextValue.strip(), "the report's summary is empty"
     for f in result.findings:
         spec = template.findings[f.key]
         if f.group is None:
@@ -178,7 +190,10 @@ def check_seg(paths: list[Path], result: AnalysisResult, template: Template, stu
             algo = d.SegmentationAlgorithmIdentificationSequence[0]
             assert algo.AlgorithmName == result.analyzer
             assert algo.AlgorithmFamilyCodeSequence[0].CodeMeaning == "Artificial Intelligence"
-        assert seg.SegmentationType == ("FRACTIONAL" if seg_in.fractional else "BINARY")
+        hard_as_bytes = not seg_in.fractional and int(seg.Rows) * int(seg.Columns) % 8 != 0
+        assert seg.SegmentationType == ("FRACTIONAL" if seg_in.fractional or hard_as_bytes else "BINARY")
+        if seg.SegmentationType == "FRACTIONAL":
+            assert seg.SegmentationFractionalType == ("OCCUPANCY" if hard_as_bytes else "PROBABILITY")
         expected_frames = sum(1 for i in range(seg_in.masks.shape[0]) for j in range(seg_in.masks.shape[3]) if np.any(seg_in.masks[i, ..., j]))
         assert int(seg.NumberOfFrames) == expected_frames, "empty frames must be omitted, every non-empty one kept"
         for i, ref in enumerate(seg_in.sources):

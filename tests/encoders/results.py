@@ -25,12 +25,13 @@ FIXTURE_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "encoders"
 ROWS, COLS = 256, 200
 
 
-def cr_study(seed: int = 0) -> Study:
+def cr_study(seed: int = 0, shape: tuple[int, int] = (ROWS, COLS)) -> Study:
     """One CR image: a bright vertical band (a 'spine') on a darker background."""
     rng = np.random.default_rng(seed)
     patient = PhantomPatient.make(rng, "enc", seed, study_description="Encoder test")
-    yy, xx = np.mgrid[0:ROWS, 0:COLS]
-    pixels = 600 + 300 * np.exp(-(((xx - COLS / 2) / 18.0) ** 2)) + rng.normal(0, 20, (ROWS, COLS))
+    rows, cols = shape
+    yy, xx = np.mgrid[0:rows, 0:cols]
+    pixels = 600 + 300 * np.exp(-(((xx - cols / 2) / 18.0) ** 2)) + rng.normal(0, 20, (rows, cols))
     ds = image_dataset(
         np.clip(pixels, 0, 4095).astype(np.uint16),
         patient=patient,
@@ -46,11 +47,12 @@ def cr_study(seed: int = 0) -> Study:
 def fixture_result(study: Study) -> AnalysisResult:
     uid = study.series[0].instances[0].sop_instance_uid
     src = SourceRef(uid)
+    rows, cols = int(study.series[0].instances[0].dataset.Rows), int(study.series[0].instances[0].dataset.Columns)
     outline = [[80, 100], [120, 98], [122, 140], [78, 142]]
-    heat = np.zeros((ROWS, COLS), np.float32)
-    yy, xx = np.mgrid[0:ROWS, 0:COLS]
+    heat = np.zeros((rows, cols), np.float32)
+    yy, xx = np.mgrid[0:rows, 0:cols]
     heat += np.exp(-(((xx - 100) / 20.0) ** 2 + ((yy - 120) / 25.0) ** 2))
-    masks = np.zeros((1, ROWS, COLS, 2), bool)
+    masks = np.zeros((1, rows, cols, 2), bool)
     masks[0, 20:120, 20:70, 0] = True
     masks[0, :, 85:115, 1] = True
     return AnalysisResult(

@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import pydicom
 import pytest
+from pydicom.sr.codedict import codes
 
 from dicomnode.analysis import Finding, Region, Segmentation, SourceRef, Study
 from dicomnode.encoders import EncoderContext, EncodingError, encode_result, series_number
@@ -137,6 +138,20 @@ def test_clinical_weights_drop_the_notice_and_fractional_seg_reads_back(study, t
     assert "not for clinical use" not in sc.ImageComments and CAPTION in sc.ImageComments
 
 
+def test_hard_masks_whose_frames_would_start_mid_byte_are_written_one_byte_per_pixel(template, tmp_path):
+    # 251 x 203 pixels: 1-bit frames would not start on a byte, which DICOMweb servers and OHIF misread.
+    study = cr_study(shape=(251, 203))
+    result = fixture_result(study)
+    objects = encode_result(result, study, EncoderContext(), template)
+    check_all(objects, result, template, study, tmp_path)
+    seg = next(ds for ds in objects if str(ds.SOPClassUID) == SEG_CLASS)
+    assert (seg.SegmentationType, seg.SegmentationFractionalType, seg.BitsAllocated) == ("FRACTIONAL", "OCCUPANCY", 8)
+    assert set(np.unique(seg.pixel_array)) == {0, int(seg.MaximumFractionalValue)}
+    aligned = next(ds for ds in encode_result(fixture_result(cr_study()), cr_study(), EncoderContext(), template)
+                   if str(ds.SOPClassUID) == SEG_CLASS)
+    assert (aligned.SegmentationType, aligned.BitsAllocated) == ("BINARY", 1)
+
+
 def test_heatmap_shape_mismatch_is_refused(study, template):
     result = fixture_result(study)
     result.heatmaps[0].data = result.heatmaps[0].data[:10]
@@ -181,18 +196,56 @@ def test_gsps_layers_carry_class_colours_and_keep_the_image_readable(template):
     assert float(voi.WindowWidth) > 1 and voi.ReferencedImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
 
 
-def test_tracking_uids_are_distinct_and_stable_across_runs(study, template):
+def test_one_tracking_uid_per_tracked_object_stable_across_runs(study, template):
     import highdicom as hd
 
     result = fixture_result(study)
     result.regions.append(dataclasses.replace(result.regions[1]))  # the same keypoint twice
-    uids = []
+    runs = []
     for _ in range(2):
         sr = encode_result(result, study, EncoderContext(), template)[0]
         groups = hd.sr.Comprehensive3DSR.from_dataset(sr).content.get_planar_roi_measurement_groups()
-        uids.append([g.tracking_uid for g in groups])
-    assert len(set(uids[0])) == len(uids[0]) == 5
-    assert uids[0] == uids[1]
+        runs.append([(g.tracking_identifier, g.tracking_uid) for g in groups])
+    assert len(runs[0]) == 5 and runs[0] == runs[1]
+    # The L3 outline and its keypoints are one tracked vertebra; the curve is another object.
+    by_object = {ident.split()[0]: {uid for i, uid in runs[0] if i.split()[0] == ident.split()[0]} for ident, _ in runs[0]}
+    assert sorted(by_object) == ["L3", "curve"] and all(len(u) == 1 for u in by_object.values())
+    assert by_object["L3"] != by_object["curve"]
+    # A second outline in a group is an object of its own.
+    result.regions.append(dataclasses.replace(result.regions[0], label="L3 second outline"))
+    sr = encode_result(result, study, EncoderContext(), template)[0]
+    groups = hd.sr.Comprehensive3DSR.from_dataset(sr).content.get_planar_roi_measurement_groups()
+    assert len({g.tracking_uid for g in groups}) == 3
+
+
+def test_summary_names_key_findings_then_findings_present_then_review(study, template):
+    from dicomnode.encoders.sr import key_findings
+
+    result = fixture_result(study)
+    assert key_findings(result, template) == (
+        "Cardiomegaly: present (p 0.83); Review required: L3 posterior-inferior corner is highly uncertain"
+    )
+    keyed = dataclasses.replace(template, key_findings=["cobb", "curves"])
+    result.review_required, result.review_reasons = False, []
+    assert key_findings(result, keyed) == (
+        "Cobb angle: 12.5 deg; Number of scoliotic curves: more than one curve (p 0.61); Cardiomegaly: present (p 0.83)"
+    )
+    result.findings = [f for f in result.findings if f.key != "cardiomegaly"]
+    result.measurements = []
+    assert key_findings(result, template) == "Nothing found by this model"
+
+
+def test_no_group_carries_a_finding_site_and_each_measurement_keeps_its_own(study, template):
+    import highdicom as hd
+
+    result = fixture_result(study)
+    sr = hd.sr.Comprehensive3DSR.from_dataset(encode_result(result, study, EncoderContext(), template)[0])
+    groups = sr.content.get_planar_roi_measurement_groups()
+    for g in groups:
+        top = [x.ConceptNameCodeSequence[0].CodeValue for x in g[0].ContentSequence]
+        assert codes.SCT.FindingSite.value not in top, g.tracking_identifier
+    (height,) = [m for g in groups for m in g.get_measurements() if m.name.meaning == template.measurements["height"].concept.meaning]
+    assert [s.value.meaning for s in height.finding_sites] == [template.sites["L3"].concept.meaning]
 
 
 def test_empty_segmentation_writes_no_seg_and_bad_geometry_is_a_clear_error(study, template):

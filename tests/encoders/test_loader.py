@@ -66,6 +66,22 @@ def test_bad_codes_are_named(tmp_path):
         load_template_file(path)
 
 
+def test_property_of_must_name_another_plain_measurement(tmp_path):
+    path = _copy(tmp_path, lambda s: s.replace("    unit: deg\n", "    unit: deg\n    property_of: height\n"))
+    assert load_template_file(path).measurements["cobb"].property_of == "height"
+    path = _copy(tmp_path, lambda s: s.replace("    unit: deg\n", "    unit: deg\n    property_of: width\n"))
+    with pytest.raises(TemplateError, match=r"measurements\.cobb\.property_of in .*'width' must be another measurement"):
+        load_template_file(path)
+
+
+def test_key_findings_must_name_findings_or_measurements(tmp_path):
+    path = _copy(tmp_path, lambda s: s.replace("\nfindings:", "\nkey_findings: [cobb, curves]\nfindings:", 1))
+    assert load_template_file(path).key_findings == ["cobb", "curves"]
+    path = _copy(tmp_path, lambda s: s.replace("\nfindings:", "\nkey_findings: [scoliosis]\nfindings:", 1))
+    with pytest.raises(TemplateError, match=r"key_findings in .*'scoliosis' is neither a finding nor a measurement"):
+        load_template_file(path)
+
+
 def test_missing_template_and_wrong_analyzer_name(tmp_path):
     with pytest.raises(TemplateError, match="has no SR template"):
         load_template("nothing_here", tmp_path)
