@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
-from .base import NotApplicable, Series, SourceRef
-from .imaging import frames
+from dicomnode.analysis import NotApplicable, Series, SourceRef
+from dicomnode.imaging import frames
 
 if TYPE_CHECKING:  # pragma: no cover
     import pydicom

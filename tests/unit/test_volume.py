@@ -10,8 +10,8 @@ import pydicom
 import pytest
 
 from analyzers import phantoms
-from analyzers.base import NotApplicable, Study
 from analyzers.volume import assemble, plane_of_normal, resample, series_plane, stacks, study_volumes
+from dicomnode.analysis import NotApplicable, Study
 
 
 def _rotation(angle_deg: float) -> np.ndarray:
