@@ -258,9 +258,16 @@ def _focal(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> to
     return (loss * weight).sum() / pos.sum().clamp_min(1.0)
 
 
-def train_detector(data: dict[str, Any], epochs: int, width: int, seed: int) -> VertebraDetector:
+def _resumed(net: torch.nn.Module, path: Path | None) -> torch.nn.Module:
+    if path is not None:
+        net.load_state_dict(torch.load(path))
+        _log("resume", weights=path.name)
+    return net
+
+
+def train_detector(data: dict[str, Any], epochs: int, width: int, seed: int, init: Path | None = None) -> VertebraDetector:
     torch.manual_seed(seed)
-    net = VertebraDetector(width)
+    net = _resumed(VertebraDetector(width), init)
     x = torch.from_numpy(data["canvas"])[:, None]
     heat, mask = torch.from_numpy(data["heat"]), torch.from_numpy(data["mask"])
     reg, reg_mask = torch.from_numpy(data["reg"]), torch.from_numpy(data["reg_mask"])
@@ -293,9 +300,9 @@ def train_detector(data: dict[str, Any], epochs: int, width: int, seed: int) -> 
     return net.eval()
 
 
-def train_corners(data: dict[str, Any], epochs: int, seed: int) -> CornerRegressor:
+def train_corners(data: dict[str, Any], epochs: int, seed: int, init: Path | None = None) -> CornerRegressor:
     torch.manual_seed(seed)
-    net = CornerRegressor(CORNER_SIZE)
+    net = _resumed(CornerRegressor(CORNER_SIZE), init)
     x = torch.from_numpy(data["crops"])[:, None]
     y = torch.from_numpy(data["corners"])
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
@@ -343,15 +350,16 @@ def _augment(xb: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return (out * scale + shift).clamp(0, 1)
 
 
-def train_grading(data: dict[str, Any], epochs: int, width: int, hidden: int, seed: int) -> GradingNet:
+def train_grading(data: dict[str, Any], epochs: int, width: int, hidden: int, seed: int, init: Path | None = None,
+                  peak_lr: float = 0.03) -> GradingNet:
     torch.manual_seed(seed)
-    net = GradingNet(width, hidden)
+    net = _resumed(GradingNet(width, hidden), init)
     x = torch.from_numpy(data["discs"])
     y = torch.from_numpy(data["labels"])
     weights = class_weights(data["labels"])
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     n, bs = len(x), 64
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 0.03, total_steps=epochs * (n // bs))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, peak_lr, total_steps=epochs * (n // bs))
     g = torch.Generator().manual_seed(seed)
     for ep in range(epochs):
         net.train()
@@ -416,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="networks to train; the others stay as they are in --out")
     ap.add_argument("--data-only", action="store_true", help="only generate the training data into --cache")
     ap.add_argument("--data", type=Path, default=None, help="annotated study folders (DICOM + truth.json) instead of phantoms")
+    ap.add_argument("--resume", action="store_true", help="continue the listed networks from their .pt in --out (grading at 0.3 x the peak rate)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -438,20 +447,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.data_only:
         return 0
     common = {"trained_on": f"{len(data['chains'])} phantom studies, seeds (1, i), enrich {args.enrich}"}
+
+    def resume(name: str) -> Path | None:
+        return args.out / f"{name}.pt" if args.resume else None
+
     if "detector" in args.train:
         prior = inference.fit_prior(data["chains"], data["pixel_mm"])
-        det = train_detector(data, args.det_epochs, args.det_width, args.seed)
+        det = train_detector(data, args.det_epochs, args.det_width, args.seed, resume("detector"))
         torch.save(det.state_dict(), args.out / "detector.pt")
         export(det, args.out / "detector.onnx", (1, DETECTOR_SIZE, DETECTOR_SIZE), "image", "grid")
         save_entry("spine_mri_detector", args.out / "detector.onnx", args.out,
                    {**common, "input_size": DETECTOR_SIZE, "input_mm": DETECTOR_MM, "width": args.det_width, "chain_prior": prior.to_json()})
     if "corners" in args.train:
-        corner = train_corners(data, args.corner_epochs, args.seed)
+        corner = train_corners(data, args.corner_epochs, args.seed, resume("corners"))
         torch.save(corner.state_dict(), args.out / "corners.pt")
         export(corner, args.out / "corners.onnx", (1, CORNER_SIZE, CORNER_SIZE), "crops", "corners")
         save_entry("spine_mri_corners", args.out / "corners.onnx", args.out, {**common, "crop_size": CORNER_SIZE})
     if "grading" in args.train:
-        grader = train_grading(data, args.grade_epochs, args.width, args.hidden, args.seed)
+        grader = train_grading(data, args.grade_epochs, args.width, args.hidden, args.seed, resume("grading"),
+                               peak_lr=0.03 * (0.3 if args.resume else 1.0))
         torch.save(grader.state_dict(), args.out / "grading.pt")
         export(grader, args.out / "grading.onnx", (DISC_SLICES, *DISC_SHAPE), "discs", "logits")
         save_entry("spine_mri_grading", args.out / "grading.onnx", args.out,
