@@ -55,6 +55,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             ds.save_as(path, enforce_file_format=True)
             files_out.append(str(path))
         written += len(analysis.datasets)
+        if args.format:
+            table = out / f"{study.study_instance_uid}_findings.{args.format}"
+            files_out.append(str(write_findings_table(analysis.result, type(analyzer).outputs.findings, table)))
         report.append({"study_uid": study.study_instance_uid, "outcome": "ok", "seconds": round(time.monotonic() - t0, 3),
                        "files": files_out, "result": analysis.result.summary()})
     if args.json:
@@ -72,6 +75,34 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         print(f"not applicable: {declined[0]}")
         return EXIT_NOT_APPLICABLE
     return EXIT_FAIL
+
+
+def findings_table(result, keys) -> list[dict]:
+    """One row per result group with findings (a disc level, a vertebra...), one column per finding key in ``keys`` order."""
+    rows: dict[str, dict] = {}
+    for f in result.findings:
+        if f.group is None:
+            continue
+        row = rows.setdefault(f.group, {"group": f.group, **{k: None for k in keys}})
+        row[f.key] = f.value
+    return list(rows.values())
+
+
+def write_findings_table(result, keys, path: Path) -> Path:
+    """The findings table as CSV (booleans as 1/0, not evaluated as empty) or JSON, by the file's suffix."""
+    rows = findings_table(result, list(keys))
+    if path.suffix == ".json":
+        path.write_text(json.dumps({"analyzer": result.analyzer, "review_required": result.review_required,
+                                    "review_reasons": result.review_reasons, "rows": rows}, indent=2) + "\n")
+        return path
+    import csv
+
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["group", *keys])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if v is None else int(v) if isinstance(v, bool) else v for k, v in row.items()})
+    return path
 
 
 def _kind(ds) -> str:
@@ -99,6 +130,8 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     s.add_argument("--analyzer", required=True, help="analyzer name (see `dicomnode models list`)")
     s.add_argument("--out", required=True, metavar="DIR", help="folder for the result DICOM files")
     s.add_argument("--json", action="store_true", help="print a JSON report")
+    s.add_argument("--format", choices=["csv", "json"], help="also write each study's findings as a table (one row per disc, vertebra..., "
+                   "one column per finding) to OUT/<study uid>_findings.csv or .json")
     s.add_argument("-v", "--verbose", action="store_true", help="show the analyzer's log events")
     s.add_argument("inputs", nargs="+", metavar="FILE_OR_DIR")
     s.set_defaults(func=cmd_analyze, own_logging=True)
