@@ -30,8 +30,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from .index import ROUTING_KEYWORDS, InstanceRecord  # noqa: F401  (the receiver imports them from here)
-
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 # The one table this module owns: which version of its tables each owning module has applied.
@@ -64,7 +62,6 @@ class Store:
         # concurrent writers (receiver threads) to sleep for milliseconds
         self._write_lock = threading.RLock()
         self._migrated: set[str] = set()
-        self._index_obj: Any = None
         self.db.execute(_VERSIONS_DDL)
 
     # -- connections ---------------------------------------------------------
@@ -212,23 +209,6 @@ class Store:
         for stale in self.tmp.iterdir():
             stale.unlink(missing_ok=True)
 
-    # -- the index, for the receiver and the worker --------------------------------
-
-    def index_instance(self, rec: Any, now: float | None = None) -> None:
-        """:meth:`dicomnode.index.Index.add`; kept so that the receiver's call reads as before."""
-        self._index().add(rec, now)
-
-    def load_study(self, study_uid: str, series_uids: list[str] | None = None):
-        """:meth:`dicomnode.index.Index.load_study`; kept so that the worker's call reads as before."""
-        return self._index().load_study(study_uid, series_uids)
-
-    def _index(self) -> Any:
-        if self._index_obj is None:
-            from .index import Index
-
-            self._index_obj = Index(self)
-        return self._index_obj
-
 
 _WRITEBACK_STEP = 1 << 20
 _SYNC_FILE_RANGE_WRITE = 2
@@ -311,30 +291,6 @@ class IncomingFile:
         if self.store.fsync:
             _fsync_dir(path.parent)
         return self.size
-
-    def migrate(self, owner: str, steps: tuple[str, ...]) -> None:
-        """Bring the tables of module ``owner`` to version ``len(steps)``.
-
-        ``steps[n]`` is the DDL that takes them from version n to n + 1 (``{id}`` stands for an
-        auto-numbered key column). The missing steps run in one transaction with the new version,
-        so two processes opening the same database apply each step once.
-        """
-        if owner in self._migrated:
-            return
-        with self.transaction() as db:
-            row = db.execute("SELECT version FROM schema_versions WHERE owner=?", (owner,)).fetchone()
-            done = row[0] if row else 0
-            for step in steps[done:]:
-                for statement in step.replace("{id}", ID_COLUMN).split(";"):
-                    if statement.strip():
-                        db.execute(statement)
-            if done < len(steps):
-                db.execute("INSERT INTO schema_versions VALUES (?, ?) ON CONFLICT (owner) DO UPDATE SET version=excluded.version",
-                           (owner, len(steps)))
-            elif done > len(steps):
-                raise RuntimeError(f"the {owner} tables in {self.db_path} are at version {done}, newer than this "
-                                   f"dicomnode knows ({len(steps)}); run the newer dicomnode or restore a backup")
-        self._migrated.add(owner)
 
     def close(self) -> None:
         """Release the file; one that was not committed is removed."""

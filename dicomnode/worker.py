@@ -23,6 +23,7 @@ import structlog
 from . import audit, metrics
 from .analysis import Analysis, AnalysisContext, Analyzer, NotApplicable, run_analyses
 from .config import Config, load_config
+from .index import Index
 from .queue import Job, JobQueue
 from .heartbeat import Heartbeat
 from .store import Store
@@ -48,6 +49,7 @@ class Worker:
     def __init__(self, cfg: Config, store: Store | None = None) -> None:
         self.cfg = cfg
         self.store = store or Store(cfg.data_dir, fsync=cfg.node.fsync)
+        self.index = Index(self.store)
         self.queue = JobQueue(self.store, cfg.analyzers.max_attempts, cfg.analyzers.retry_delay)
         self._analyzers: dict[str, Analyzer] = {}
         self._templates: dict[str, Any] = {}
@@ -132,7 +134,7 @@ class Worker:
             shutil.rmtree(out_dir, ignore_errors=True)
             try:
                 self.analyzer(job.analyzer)
-                study = self.store.load_study(job.study_uid)
+                study = self.index.load_study(job.study_uid)
             except Exception as exc:
                 self._settle(job, exc, out_dir)
                 continue

@@ -47,7 +47,7 @@ def env(tmp_path):
 def arrive(store, pat, now, modality="CR", series_uid="1.2.3.1", description=""):
     ds = image_dataset(np.zeros((4, 4), np.uint16), patient=pat, modality=modality, sop_class_uid=CR_IMAGE,
                        series_uid=series_uid, series_description=description)
-    store.index_instance(record_from(ds, store.spool / "x.dcm", 10, "PACS", "127.0.0.1"), now=now)
+    Index(store).add(record_from(ds, store.spool / "x.dcm", 10, "PACS", "127.0.0.1"), now=now)
     return ds
 
 

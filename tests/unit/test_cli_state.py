@@ -106,7 +106,7 @@ def arrive(store: Store, seed: int, when: float, modality="CR", description="", 
                            instance_number=i + 1, series_description=description)
         path = store.spool_path(str(ds.StudyInstanceUID), series_uid, str(ds.SOPInstanceUID))
         save(ds, path.parent, path.name)
-        store.index_instance(record_from(ds, path, path.stat().st_size, "PACS", "127.0.0.1"), now=when)
+        Index(store).add(record_from(ds, path, path.stat().st_size, "PACS", "127.0.0.1"), now=when)
     return pat.study_uid
 
 
