@@ -226,7 +226,7 @@ def receiver_process_main(config_path: str, stop: Any, ended: Any = None) -> Non
     setup_logging(cfg, process=f"receiver-{os.getpid()}")
     metrics.init(cfg)
     parent = os.getppid()
-    rx = Receiver(cfg, Store(cfg.data_dir, fsync=cfg.node.fsync), reuse_port=True)
+    rx = Receiver(cfg, Store.from_config(cfg), reuse_port=True)
     if ended is not None:
         rx.on_association_end = ended.set  # the service's assembler sweeps when it is set
     rx.start()

@@ -30,7 +30,7 @@ class Node:
         if cfg.path is None:
             raise ValueError("the node needs a configuration file path (the worker process reads it)")
         self.cfg = cfg
-        self.store = Store(cfg.data_dir, fsync=cfg.node.fsync)
+        self.store = Store.from_config(cfg)
         self.index = Index(self.store)
         self.heartbeat = Heartbeat(self.store)
         self.queue = JobQueue(self.store, cfg.analyzers.max_attempts, cfg.analyzers.retry_delay)

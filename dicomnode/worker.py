@@ -48,7 +48,7 @@ def encoder_context(cfg: Config):
 class Worker:
     def __init__(self, cfg: Config, store: Store | None = None) -> None:
         self.cfg = cfg
-        self.store = store or Store(cfg.data_dir, fsync=cfg.node.fsync)
+        self.store = store or Store.from_config(cfg)
         self.index = Index(self.store)
         self.queue = JobQueue(self.store, cfg.analyzers.max_attempts, cfg.analyzers.retry_delay)
         self._analyzers: dict[str, Analyzer] = {}

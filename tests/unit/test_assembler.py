@@ -1,4 +1,4 @@
-"""Study completion, re-opening by late instances, and the job queue, on a real SQLite index."""
+"""Study completion, re-opening by late instances, and the job queue, on a real SQLite index and on PostgreSQL."""
 
 import numpy as np
 import pytest
@@ -11,7 +11,6 @@ from dicomnode.config import Config
 from dicomnode.index import Index
 from dicomnode.queue import JobQueue
 from dicomnode.receiver import record_from
-from dicomnode.store import Store
 
 RULES = """
 - name: chest
@@ -28,7 +27,7 @@ RULES = """
 
 
 @pytest.fixture()
-def env(tmp_path):
+def env(tmp_path, open_store):
     (tmp_path / "rules.yaml").write_text(RULES)
     cfg = Config.model_validate({
         "storage": {"data_dir": str(tmp_path / "data")},
@@ -37,7 +36,7 @@ def env(tmp_path):
         "rules_file": str(tmp_path / "rules.yaml"),
         "assembly": {"stable_after": 30, "force_after": 100},
     })
-    store = Store(cfg.data_dir, fsync=False)
+    store = open_store(cfg.data_dir)
     queue = JobQueue(store)
     asm = Assembler(cfg, store, queue, RulesHolder(cfg.rules_path))
     pat = PhantomPatient.make(np.random.default_rng(0), "asm", 1)
