@@ -185,7 +185,7 @@ class Store:
         # a node clears its own leftovers at start-up, never another node's files in flight
         self.tmp = shared / "tmp" if shared_dir is None else shared / "tmp" / _node_name(self.data_dir)
         self.results = shared / "results"
-        for d in (self.spool, self.tmp, self.results):
+        for d in (self.data_dir, self.spool, self.tmp, self.results):
             d.mkdir(parents=True, exist_ok=True)
         self.db_path = self.data_dir / "index.sqlite"
         self.database = database
