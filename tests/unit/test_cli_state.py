@@ -112,8 +112,8 @@ def arrive(store: Store, seed: int, when: float, modality="CR", description="", 
 
 def finished_job(store: Store, study_uid: str, sent: bool, when: float) -> int:
     q = JobQueue(store)
-    job = q.enqueue(study_uid, "intensity_probe", "any-cr", ["pacs"], [])
-    q.claim()
+    job = q.enqueue(study_uid, "intensity_probe", "any-cr", ["pacs"], [], priority=0)  # ahead of any queued job
+    assert q.claim().id == job
     out = store.results / str(job)
     out.mkdir(parents=True)
     (out / "1.2.3.dcm").write_bytes(b"result")
