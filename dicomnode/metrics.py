@@ -176,18 +176,24 @@ def model_load_failed(analyzer: str) -> None:
 class IndexCollector:
     """Gauges read from the index at scrape time: jobs by analyzer and state, outbox backlog per destination."""
 
-    def __init__(self, db_path: Path, destinations: Callable[[], list[str]]) -> None:
+    def __init__(self, db_path: Path, destinations: Callable[[], list[str]], database: str | None = None) -> None:
         self.db_path = db_path
         self.destinations = destinations
+        self.database = database
 
     def collect(self) -> Any:
-        db = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=5)
+        if self.database is not None:
+            from .store import connect
+
+            db = connect(self.database)
+        else:
+            db = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=5)
         try:
             yield from self._collect(db)
         finally:
             db.close()
 
-    def _collect(self, db: sqlite3.Connection) -> Any:
+    def _collect(self, db: Any) -> Any:
         from prometheus_client.core import GaugeMetricFamily
 
         from .outbox import Outbox
@@ -232,7 +238,7 @@ def scrape(cfg: Config, destinations: Callable[[], list[str]] | None = None) -> 
 
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(metrics_dir(cfg)))
-    registry.register(IndexCollector(cfg.db_path, destinations or (lambda: sorted(cfg.destinations))))
+    registry.register(IndexCollector(cfg.db_path, destinations or (lambda: sorted(cfg.destinations)), cfg.storage.database))
     return generate_latest(registry)
 
 

@@ -140,6 +140,11 @@ class _PgConnection:
         self.conn.close()
 
 
+def connect(url: str) -> _PgConnection:
+    """A connection of its own to a PostgreSQL database, with the calls the owners use (for readers outside a store)."""
+    return _PgConnection(url)
+
+
 class _NoLock:
     def acquire(self) -> None:
         pass
