@@ -240,6 +240,17 @@ class Index:
             db.execute("UPDATE studies SET state='complete', completed_at=? WHERE study_uid=? AND last_arrival<=?",
                        (now, study_uid, now))
 
+    # -- moving to another database (dicomnode db migrate) --------------------------
+
+    def copy_into(self, db: Any) -> dict[str, int]:
+        """Every study, series and instance row into ``db``, another store's transaction; counts by table."""
+        return {
+            "studies": self.store.copy_rows(db, "SELECT * FROM studies", "INSERT INTO studies", "SELECT 1 FROM studies LIMIT 1"),
+            "series": self.store.copy_rows(db, "SELECT * FROM series", "INSERT INTO series", "SELECT 1 FROM series LIMIT 1"),
+            "instances": self.store.copy_rows(db, "SELECT * FROM instances", "INSERT INTO instances",
+                                              "SELECT 1 FROM instances LIMIT 1"),
+        }
+
     # -- retention: inside the caller's transaction ------------------------------
 
     def studies_before(self, cutoff: float) -> list[str]:

@@ -146,6 +146,15 @@ class Outbox:
         found = {r[0] for r in self.store.db.execute(f"SELECT id FROM outbox WHERE id IN ({','.join('?' * len(ids))})", ids)}
         return sorted(set(ids) - found)
 
+    # -- moving to another database (dicomnode db migrate) --------------------------
+
+    def copy_into(self, db: Any) -> int:
+        """Every outbox row, with its id, into ``db`` (another store's transaction)."""
+        return self.store.copy_rows(db, "SELECT * FROM outbox ORDER BY id", "INSERT INTO outbox", "SELECT 1 FROM outbox LIMIT 1")
+
+    def last_id(self) -> int | None:
+        return self.store.db.execute("SELECT MAX(id) FROM outbox").fetchone()[0]
+
     # -- retention: inside the caller's transaction ------------------------------
 
     @staticmethod

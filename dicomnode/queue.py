@@ -271,6 +271,15 @@ class JobQueue:
         row = self.store.db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
         return dict(row) if row else None
 
+    # -- moving to another database (dicomnode db migrate) --------------------------
+
+    def copy_into(self, db: Any) -> int:
+        """Every job, with its id, into ``db`` (another store's transaction)."""
+        return self.store.copy_rows(db, "SELECT * FROM jobs ORDER BY id", "INSERT INTO jobs", "SELECT 1 FROM jobs LIMIT 1")
+
+    def last_id(self) -> int | None:
+        return self.store.db.execute("SELECT MAX(id) FROM jobs").fetchone()[0]
+
     # -- retention: inside the caller's transaction ------------------------------
 
     @staticmethod

@@ -274,6 +274,25 @@ class Store:
         step = re.sub(r"\bINTEGER\b", "BIGINT", step)
         return step.replace("{id}", PG_ID_COLUMN)
 
+    def copy_rows(self, db: Any, select: str, table_insert: str, empty_check: str) -> int:
+        """Copy the rows ``select`` reads here into ``db`` (another store's transaction) with ``table_insert``.
+
+        ``table_insert`` is ``INSERT INTO name``: the columns come from the rows. ``empty_check`` must
+        find nothing in ``db``: a database that already holds rows is never merged into.
+        """
+        if db.execute(empty_check).fetchone() is not None:
+            raise RuntimeError(f"the target database already has rows ({empty_check}); migrate into an empty database")
+        rows = self.db.execute(select).fetchall()
+        if rows:
+            cols = list(rows[0].keys())
+            db.executemany(f"{table_insert} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})", [tuple(r) for r in rows])
+        return len(rows)
+
+    def continue_ids(self, table: str, last: int | None) -> None:
+        """After copying rows with their ids: new rows of ``table`` are numbered after ``last``."""
+        if self.postgres and last:
+            self.db.execute("SELECT setval(pg_get_serial_sequence(?, 'id'), ?)", (table, last))
+
     def holds(self, duty: str) -> bool:
         """Whether this process is the one node that performs ``duty`` (the assembler's sweep, retention) now.
 
