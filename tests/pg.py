@@ -30,7 +30,8 @@ def server_bin() -> Path | None:
 
 
 class Postgres:
-    def __init__(self) -> None:
+    def __init__(self, durable: bool = False) -> None:
+        self.durable = durable
         self.bin = server_bin()
         if self.bin is None:
             raise RuntimeError("PostgreSQL is not installed: apt-get install postgresql")
@@ -50,10 +51,11 @@ class Postgres:
         data = self.dir / "data"
         self._as_postgres(str(self.bin / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8")
         prefix = [] if os.getuid() != 0 else ["runuser", "-u", "postgres", "--"]
-        # durability off: these tests check who does what, not what survives a power loss
+        # durability off for tests (they check who does what, not what survives a power loss); on for benchmarks
+        fast = [] if self.durable else ["-c", "fsync=off", "-c", "synchronous_commit=off"]
         self.proc = subprocess.Popen(
             [*prefix, str(self.bin / "postgres"), "-D", str(data), "-p", str(self.port), "-h", "127.0.0.1",
-             "-k", str(self.dir), "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "max_connections=200"],
+             "-k", str(self.dir), *fast, "-c", "max_connections=200"],
             stdout=subprocess.DEVNULL, stderr=open(self.dir / "server.log", "w"))
         wait_port(self.port, 30, self.proc)
         self._wait_ready()

@@ -81,3 +81,34 @@ def test_one_node_holds_a_duty_and_another_takes_it_over(tmp_path, postgres):
 
 def test_sqlite_serves_one_node_which_holds_every_duty(tmp_path):
     assert Store(tmp_path / "d", fsync=False).holds("assembler")
+
+
+def _node_config(tmp_path, database=None):
+    import yaml
+
+    from dicomnode.config import load_config
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "rules.yaml").write_text("[]\n")
+    storage = {"data_dir": "data", **({"database": database} if database else {})}
+    (tmp_path / "node.yaml").write_text(yaml.safe_dump({"storage": storage, "rules_file": "rules.yaml", "node": {"port": 0}}))
+    return load_config(tmp_path / "node.yaml")
+
+
+def test_a_partial_role_needs_a_shared_database(tmp_path):
+    from dicomnode.service import Node
+
+    with pytest.raises(ValueError, match="set storage.database"):
+        Node(_node_config(tmp_path), role="worker")
+    assert Node(_node_config(tmp_path)).workers  # all: as before
+
+
+@pytest.mark.postgres
+def test_roles_pick_the_stages(tmp_path, postgres):
+    from dicomnode.service import Node
+
+    url = postgres.new_database()
+    receiver = Node(_node_config(tmp_path / "r", url), role="receiver")
+    assert receiver.workers == [] and receiver.receiving and not receiver.sending
+    worker = Node(_node_config(tmp_path / "w", url), role="worker")
+    assert worker.workers and not worker.receiving and worker.sending
