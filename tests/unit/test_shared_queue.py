@@ -112,3 +112,22 @@ def test_roles_pick_the_stages(tmp_path, postgres):
     assert receiver.workers == [] and receiver.receiving and not receiver.sending
     worker = Node(_node_config(tmp_path / "w", url), role="worker")
     assert worker.workers and not worker.receiving and worker.sending
+
+
+def test_retention_purges_finished_studies_and_keeps_open_work(tmp_path, open_store):
+    from dicomnode.index import Index
+    from dicomnode.retention import purge
+    from tests.unit.test_cli_state import arrive, finished_job
+
+    store = open_store(tmp_path / "d")
+    old = time.time() - 40 * 86400
+    done = arrive(store, 1, old)
+    finished_job(store, done, sent=True, when=old)
+    waiting = arrive(store, 2, old)
+    finished_job(store, waiting, sent=False, when=old)  # its result not delivered yet
+    recent = arrive(store, 3, time.time())
+    report = purge(store, 30 * 86400.0)
+    assert report.purged == [done] and set(report.kept) == {waiting} and "pending outbox row" in report.kept[waiting]
+    assert report.files == 3  # two instances and the delivered result
+    assert {s["study_uid"] for s in Index(store).studies()} == {waiting, recent}
+    assert not (store.spool / done).exists() and (store.spool / waiting).is_dir()
