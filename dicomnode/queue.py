@@ -109,8 +109,8 @@ class JobQueue:
             args += analyzers
         with self.store.transaction() as db:
             row = db.execute(
-                f"SELECT id FROM jobs WHERE state='queued' AND not_before<=?{where} ORDER BY priority, id LIMIT 1{self.store.skip_locked}",
-                args
+                f"SELECT id FROM jobs WHERE state='queued' AND not_before<=?{where} ORDER BY priority, id"
+                f" LIMIT 1{self.store.skip_locked}", args
             ).fetchone()
             if row is None:
                 return None
@@ -221,7 +221,8 @@ class JobQueue:
 
     def running_on(self, pid: int) -> list[int]:
         """Jobs marked running by this host's worker process ``pid``."""
-        return [r[0] for r in self.store.db.execute("SELECT id FROM jobs WHERE state='running' AND worker=?", (worker_name(pid),))]
+        rows = self.store.db.execute("SELECT id FROM jobs WHERE state='running' AND worker=?", (worker_name(pid),))
+        return [r[0] for r in rows]
 
     def running_since(self, before: float) -> list[tuple[int, int]]:
         """(job id, worker pid) of this host's jobs that started running before ``before``."""

@@ -319,10 +319,14 @@ class Store:
         return False
 
     def close(self) -> None:
+        """Close this thread's connection and give up the duties this store holds."""
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             conn.close()
             self._local.conn = None
+        for duty in list(self._duties.values()):
+            duty.close()
+        self._duties.clear()
 
     # -- files ---------------------------------------------------------------
 
