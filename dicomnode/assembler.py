@@ -1,6 +1,7 @@
 """Assembler: decides when a study has fully arrived and hands its new series to the router.
 
-One periodic sweep (APScheduler, about once a second) looks at the series that have received
+One periodic sweep (APScheduler, about once a second; on one node at a time when several share the
+database, :meth:`dicomnode.store.Store.holds`) looks at the series that have received
 instances since they were last routed. A study is complete for a rule when no instance has
 arrived for the rule's ``stable_after`` (or the calling AE's), when every series the rule lists in
 ``required_series`` is in, or when it has been arriving for ``force_after`` seconds without going
@@ -78,7 +79,7 @@ class Assembler:
         from apscheduler.schedulers.background import BackgroundScheduler
 
         self._scheduler = BackgroundScheduler(daemon=True)
-        self._scheduler.add_job(self.sweep, "interval", seconds=self.cfg.assembly.sweep_interval,
+        self._scheduler.add_job(self._scheduled_sweep, "interval", seconds=self.cfg.assembly.sweep_interval,
                                 max_instances=1, coalesce=True, id="sweep")
         self._scheduler.start()
 
@@ -94,6 +95,11 @@ class Assembler:
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=True)
             self._scheduler = None
+
+    def _scheduled_sweep(self) -> None:
+        """The periodic sweep, on the one node that holds the duty (every node with SQLite's single node)."""
+        if self.store.holds("assembler"):
+            self.sweep()
 
     def sweep(self, now: float | None = None) -> int:
         """One pass; returns the number of jobs queued."""

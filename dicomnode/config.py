@@ -65,6 +65,18 @@ class NodeSection(_Strict):
 class StorageSection(_Strict):
     data_dir: Path = Path("./data")
     retention_days: int = Field(30, ge=0)
+    database: str | None = Field(None, description="postgresql://user@host:port/db shared by several nodes; "
+                                                    "unset: SQLite in the data folder")
+    shared_dir: Path | None = Field(None, description="spool and results on a filesystem every node mounts; "
+                                                      "unset: the data folder")
+
+    @field_validator("database")
+    @classmethod
+    def _database(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("postgresql://", "postgres://")):
+            raise ValueError("storage.database must be a postgresql://user@host:port/dbname URL, "
+                             "or left out for SQLite in the data folder")
+        return v
 
 
 class Caller(_Strict):
@@ -101,6 +113,8 @@ class AnalyzersSection(_Strict):
     max_attempts: int = Field(3, ge=1, le=20)
     retry_delay: float = Field(10, ge=0, description="first retry of a failed job after this many seconds, doubling")
     job_timeout: float = Field(900, gt=0)
+    lease: float = Field(30, gt=0, description="a running job's claim lasts this many seconds unless its worker renews "
+                                               "it; after that another node runs the job again")
     batch_size: int = Field(8, ge=1, le=64, description="at most this many queued jobs of one batchable analyzer run together; 1 turns batching off")
     plugins: list[str] = Field(default_factory=list, description="extra analyzers as 'module:Class'")
     settings: dict[str, AnalyzerOptions] = Field(default_factory=dict)
@@ -118,6 +132,8 @@ class SenderSection(_Strict):
     backoff_max: float = Field(600, gt=0)
     poll_interval: float = Field(1.0, gt=0)
     ae_title: str | None = None
+    claim: float = Field(300, gt=0, description="with a shared database, result rows a sender took stay its own this "
+                                                "many seconds; a node that died sending leaves them to others after that")
 
 
 class MetricsSection(_Strict):
@@ -187,6 +203,10 @@ class Config(_Strict):
         return self.resolve(self.storage.data_dir)
 
     @property
+    def shared_dir(self) -> Path | None:
+        return self.resolve(self.storage.shared_dir) if self.storage.shared_dir is not None else None
+
+    @property
     def rules_path(self) -> Path:
         return self.resolve(self.rules_file)
 
@@ -198,6 +218,10 @@ class Config(_Strict):
     @property
     def db_path(self) -> Path:
         return self.data_dir / "index.sqlite"
+
+    def has_data(self) -> bool:
+        """Whether a node ran with this configuration (a PostgreSQL database is taken to be there)."""
+        return self.storage.database is not None or self.db_path.exists()
 
     def caller(self, ae_title: str, host: str | None) -> Caller | None:
         for c in self.callers:

@@ -34,12 +34,14 @@ class Heartbeat:
             "updated_at=excluded.updated_at", (key, json.dumps(value), time.time()))
 
     @staticmethod
-    def probe_write(db: Any) -> None:
-        """One small write transaction on ``db`` (/readyz asks whether the index takes writes)."""
-        db.execute("BEGIN IMMEDIATE")
+    def probe_write(db: Any, begin: bool = True) -> None:
+        """One small write transaction on ``db`` (/readyz asks whether the index takes writes); ``begin``: run its own."""
+        if begin:
+            db.execute("BEGIN IMMEDIATE")
         db.execute("INSERT INTO node_status VALUES ('readyz', ?, ?) ON CONFLICT (key) DO UPDATE SET value=excluded.value, "
                    "updated_at=excluded.updated_at", (json.dumps({"pid": os.getpid()}), time.time()))
-        db.execute("COMMIT")
+        if begin:
+            db.execute("COMMIT")
 
     def get(self) -> dict[str, Any]:
         """Every key's value and when it was written."""

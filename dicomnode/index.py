@@ -111,7 +111,9 @@ class Index:
 
         Runs once per received instance, before the receiver answers: the series and study rows
         are updated in place, and only the first instance of a series or study inserts its row
-        (with the series' routing attributes as JSON).
+        (with the series' routing attributes as JSON). Instances of one study arriving at several
+        nodes at once meet in one row: an insert that finds the row another node just inserted
+        updates it instead.
         """
         now = now or time.time()
         with self.store.transaction() as db:
@@ -129,9 +131,11 @@ class Index:
                 attrs = rec.attributes
                 db.execute(
                     """INSERT INTO series (series_uid, study_uid, modality, description, series_number, attributes,
-                           first_arrival, last_arrival, n_instances) VALUES (?,?,?,?,?,?,?,?,1)""",
+                           first_arrival, last_arrival, n_instances) VALUES (?,?,?,?,?,?,?,?,1)
+                       ON CONFLICT (series_uid) DO UPDATE SET last_arrival=excluded.last_arrival,
+                           n_instances=series.n_instances+?""",
                     (rec.series_uid, rec.study_uid, attrs.get("Modality"), attrs.get("SeriesDescription"),
-                     _int(attrs.get("SeriesNumber")), json.dumps(attrs, separators=(",", ":")), now, now),
+                     _int(attrs.get("SeriesNumber")), json.dumps(attrs, separators=(",", ":")), now, now, new),
                 )
             if not db.execute(
                     """UPDATE studies SET last_arrival=?, state='receiving', calling_ae=COALESCE(?, calling_ae),
@@ -139,9 +143,11 @@ class Index:
                     (now, rec.calling_ae, rec.calling_host, new, rec.study_uid)).rowcount:
                 db.execute(
                     """INSERT INTO studies (study_uid, calling_ae, calling_host, first_arrival, last_arrival, state,
-                           study_date, modalities, n_instances) VALUES (?,?,?,?,?,'receiving',?,?,1)""",
+                           study_date, modalities, n_instances) VALUES (?,?,?,?,?,'receiving',?,?,1)
+                       ON CONFLICT (study_uid) DO UPDATE SET last_arrival=excluded.last_arrival, state='receiving',
+                           n_instances=studies.n_instances+?""",
                     (rec.study_uid, rec.calling_ae, rec.calling_host, now, now, rec.study_date,
-                     rec.attributes.get("Modality")),
+                     rec.attributes.get("Modality"), new),
                 )
 
     def reconcile(self, parse) -> int:
@@ -233,6 +239,17 @@ class Index:
                            [(now, uid, now) for uid in series_uids])
             db.execute("UPDATE studies SET state='complete', completed_at=? WHERE study_uid=? AND last_arrival<=?",
                        (now, study_uid, now))
+
+    # -- moving to another database (dicomnode db migrate) --------------------------
+
+    def copy_into(self, db: Any) -> dict[str, int]:
+        """Every study, series and instance row into ``db``, another store's transaction; counts by table."""
+        return {
+            "studies": self.store.copy_rows(db, "SELECT * FROM studies", "INSERT INTO studies", "SELECT 1 FROM studies LIMIT 1"),
+            "series": self.store.copy_rows(db, "SELECT * FROM series", "INSERT INTO series", "SELECT 1 FROM series LIMIT 1"),
+            "instances": self.store.copy_rows(db, "SELECT * FROM instances", "INSERT INTO instances",
+                                              "SELECT 1 FROM instances LIMIT 1"),
+        }
 
     # -- retention: inside the caller's transaction ------------------------------
 

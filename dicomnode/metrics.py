@@ -176,18 +176,24 @@ def model_load_failed(analyzer: str) -> None:
 class IndexCollector:
     """Gauges read from the index at scrape time: jobs by analyzer and state, outbox backlog per destination."""
 
-    def __init__(self, db_path: Path, destinations: Callable[[], list[str]]) -> None:
+    def __init__(self, db_path: Path, destinations: Callable[[], list[str]], database: str | None = None) -> None:
         self.db_path = db_path
         self.destinations = destinations
+        self.database = database
 
     def collect(self) -> Any:
-        db = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=5)
+        if self.database is not None:
+            from .store import connect
+
+            db = connect(self.database)
+        else:
+            db = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=5)
         try:
             yield from self._collect(db)
         finally:
             db.close()
 
-    def _collect(self, db: sqlite3.Connection) -> Any:
+    def _collect(self, db: Any) -> Any:
         from prometheus_client.core import GaugeMetricFamily
 
         from .outbox import Outbox
@@ -232,7 +238,7 @@ def scrape(cfg: Config, destinations: Callable[[], list[str]] | None = None) -> 
 
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(metrics_dir(cfg)))
-    registry.register(IndexCollector(cfg.db_path, destinations or (lambda: sorted(cfg.destinations))))
+    registry.register(IndexCollector(cfg.db_path, destinations or (lambda: sorted(cfg.destinations)), cfg.storage.database))
     return generate_latest(registry)
 
 
@@ -329,6 +335,18 @@ def database_writable(db_path: Path, timeout: float = 2.0) -> Check:
     return Check(True, "writable")
 
 
+def shared_database_writable(store: Any) -> Check:
+    """The same write on PostgreSQL, through a connection of the store's."""
+    from .heartbeat import Heartbeat
+
+    try:
+        with store.transaction() as db:
+            Heartbeat.probe_write(db, begin=False)
+    except Exception as exc:
+        return Check(False, f"the database {store.where} cannot be written: {type(exc).__name__}: {exc}")
+    return Check(True, "writable")
+
+
 def disk_free(folder: Path, floor_mb: float) -> Check:
     free_mb = shutil.disk_usage(folder).free / (1 << 20)
     if free_mb < floor_mb:
@@ -342,10 +360,12 @@ def readiness(node: Any) -> dict[str, Check]:
     takes a write, every worker process is alive with the models its rules name loaded, and the data
     folder's disk is above ``metrics.min_free_mb``."""
     cfg = node.cfg
-    listening = node.receiver.listening
-    checks = {"receiver": Check(listening, f"listening on port {node.receiver.port}" if listening
-                                else "the receiver is not listening (the node is stopping)")}
-    checks["database"] = database_writable(cfg.db_path)
+    checks = {}
+    if node.receiving:
+        listening = node.receiver.listening
+        checks["receiver"] = Check(listening, f"listening on port {node.receiver.port}" if listening
+                                   else "the receiver is not listening (the node is stopping)")
+    checks["database"] = database_writable(cfg.db_path) if not node.store.postgres else shared_database_writable(node.store)
     status = node.heartbeat.get()
     for i, w in enumerate(node.workers):
         pid = w.proc.pid if w.proc is not None else None

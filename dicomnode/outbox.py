@@ -1,7 +1,9 @@
 """Outbox: the outbox table, one row per result object and destination, until the destination has acknowledged it.
 
 The queue adds a job's rows (:meth:`Outbox.add`) in the transaction that marks the job done; the
-sender takes the due rows and marks them sent or failed; the CLI lists and re-sends them.
+sender claims the due rows (:meth:`Outbox.claim_due`, so that nodes sharing the database never send
+a row twice at once) and marks them sent or failed; the CLI lists and re-sends them. An object goes
+to a destination once: (SOP Instance UID, destination) is unique.
 """
 
 from __future__ import annotations
@@ -58,9 +60,28 @@ class Outbox:
             (time.time(), limit)).fetchall()
         return [dict(r) for r in rows]
 
+    def claim_due(self, limit: int = 500, claim: float = 300.0, now: float | None = None) -> list[dict[str, Any]]:
+        """Due rows for this sender to send, not due again for ``claim`` seconds (other nodes' senders skip them).
+
+        :meth:`mark_sent` or :meth:`mark_failed` settles them; a sender that dies meanwhile leaves
+        them due again once the claim runs out.
+        """
+        now = now or time.time()
+        with self.store.transaction() as db:
+            rows = [dict(r) for r in db.execute(
+                "SELECT * FROM outbox WHERE state='pending' AND next_attempt<=? ORDER BY destination, id"
+                f" LIMIT ?{self.store.skip_locked}", (now, limit)).fetchall()]
+            db.executemany("UPDATE outbox SET next_attempt=? WHERE id=?", [(now + claim, r["id"]) for r in rows])
+        return rows
+
     def next_due_in(self) -> float | None:
         row = self.store.db.execute("SELECT MIN(next_attempt) FROM outbox WHERE state='pending'").fetchone()
         return None if row[0] is None else max(0.0, row[0] - time.time())
+
+    def release(self, ids: list[int]) -> None:
+        """Claimed rows not sent after all (the node stops): due again now, for any node."""
+        self.store.db.executemany("UPDATE outbox SET next_attempt=? WHERE id=? AND state='pending'",
+                                  [(time.time(), i) for i in ids])
 
     def mark_sent(self, ids: list[int]) -> None:
         now = time.time()
@@ -124,6 +145,15 @@ class Outbox:
         """The ids among ``ids`` that name no outbox row."""
         found = {r[0] for r in self.store.db.execute(f"SELECT id FROM outbox WHERE id IN ({','.join('?' * len(ids))})", ids)}
         return sorted(set(ids) - found)
+
+    # -- moving to another database (dicomnode db migrate) --------------------------
+
+    def copy_into(self, db: Any) -> int:
+        """Every outbox row, with its id, into ``db`` (another store's transaction)."""
+        return self.store.copy_rows(db, "SELECT * FROM outbox ORDER BY id", "INSERT INTO outbox", "SELECT 1 FROM outbox LIMIT 1")
+
+    def last_id(self) -> int | None:
+        return self.store.db.execute("SELECT MAX(id) FROM outbox").fetchone()[0]
 
     # -- retention: inside the caller's transaction ------------------------------
 

@@ -1,8 +1,9 @@
 """Receiver: the C-ECHO / C-STORE stage on top of the node's acceptor (:mod:`dicomnode.dimse.acceptor`).
 
 An instance is written exactly as it arrived (file meta plus the encoded dataset, in the transfer
-syntax it came in), fsynced, renamed into the spool and indexed before the success status goes
-back. Anything wrong with a dataset gets a DICOM failure status and one log line; the association
+syntax it came in) into the spool, fsynced and indexed before the success status goes back: a small
+instance is created in place, a large one is received into ``tmp/`` as it arrives and renamed into
+the spool. Anything wrong with a dataset gets a DICOM failure status and one log line; the association
 and the node carry on.
 """
 
@@ -23,7 +24,8 @@ from .dimse.part10 import file_header, read_file_meta
 from .dimse.status import Status
 from .header import Header, header_from_dataset, read_header, text
 from .logs import debug_enabled
-from .store import ROUTING_KEYWORDS, IncomingFile, InstanceRecord, Store, valid_uid
+from .index import ROUTING_KEYWORDS, Index, InstanceRecord
+from .store import IncomingFile, Store, valid_uid
 
 log = structlog.get_logger("dicomnode.receiver")
 
@@ -73,6 +75,7 @@ class Receiver:
     def __init__(self, cfg: Config, store: Store, reuse_port: bool = False) -> None:
         self.cfg = cfg
         self.store = store
+        self.index = Index(store)
         self.reuse_port = reuse_port
         self._scp: StorageSCP | None = None
         self.stored = 0
@@ -119,7 +122,7 @@ class Receiver:
                 size = incoming.commit(path)
             else:
                 size = self.store.write_durably(path, (meta, dataset))
-            self.store.index_instance(record_from_header(header, path, size, calling, host, transfer_syntax))
+            self.index.add(record_from_header(header, path, size, calling, host, transfer_syntax))
         except OSError as exc:
             log.error("store_failed", reason="cannot write", error=str(exc), sop_uid=sop_uid)
             return Status.OUT_OF_RESOURCES, "cannot write the instance"
@@ -223,7 +226,7 @@ def receiver_process_main(config_path: str, stop: Any, ended: Any = None) -> Non
     setup_logging(cfg, process=f"receiver-{os.getpid()}")
     metrics.init(cfg)
     parent = os.getppid()
-    rx = Receiver(cfg, Store(cfg.data_dir, fsync=cfg.node.fsync), reuse_port=True)
+    rx = Receiver(cfg, Store.from_config(cfg), reuse_port=True)
     if ended is not None:
         rx.on_association_end = ended.set  # the service's assembler sweeps when it is set
     rx.start()

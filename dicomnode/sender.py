@@ -113,7 +113,8 @@ class Sender:
         return Index.completed_at(db, study_uid)
 
     def round(self) -> bool:
-        rows = self.outbox.due()
+        # with a shared database the rows are this node's for a while; alone, there is no one to keep them from
+        rows = self.outbox.claim_due(claim=self.cfg.sender.claim if self.outbox.store.postgres else 0.0)
         if not rows:
             return False
         by_dest: dict[str, list[dict]] = defaultdict(list)
@@ -121,6 +122,7 @@ class Sender:
             by_dest[r["destination"]].append(r)
         for name, items in by_dest.items():
             if self._stop.is_set():
+                self.outbox.release([r["id"] for d in by_dest.values() for r in d if r["state"] == "pending"])
                 break
             dest = self.cfg.destinations.get(name)
             if dest is None:

@@ -1,4 +1,10 @@
-"""The running node: receiver, assembler, worker process, sender, and a clean stop on SIGTERM/SIGINT."""
+"""The running node: receiver, assembler, worker process, sender, and a clean stop on SIGTERM/SIGINT.
+
+Its role picks the stages: ``all`` (default), ``receiver`` (no worker or sender: a host without a
+GPU behind the load balancer) or ``worker`` (no receiver: a GPU host). Every role takes part in
+the duties one node performs at a time when several share a database (the assembler's sweep,
+retention) and returns the jobs of dead nodes to the queue once their leases run out.
+"""
 
 from __future__ import annotations
 
@@ -25,15 +31,24 @@ from .worker import WorkerProcess
 log = structlog.get_logger("dicomnode.service")
 
 
+ROLES = ("all", "receiver", "worker")
+
+
 class Node:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, role: str = "all") -> None:
         if cfg.path is None:
             raise ValueError("the node needs a configuration file path (the worker process reads it)")
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}; use one of {', '.join(ROLES)}")
+        if role != "all" and cfg.storage.database is None:
+            raise ValueError(f"role {role} shares the work with other nodes: set storage.database to a PostgreSQL URL "
+                             "(SQLite serves one node)")
         self.cfg = cfg
-        self.store = Store(cfg.data_dir, fsync=cfg.node.fsync)
+        self.role = role
+        self.store = Store.from_config(cfg)
         self.index = Index(self.store)
         self.heartbeat = Heartbeat(self.store)
-        self.queue = JobQueue(self.store, cfg.analyzers.max_attempts, cfg.analyzers.retry_delay)
+        self.queue = JobQueue(self.store, cfg.analyzers.max_attempts, cfg.analyzers.retry_delay, cfg.analyzers.lease)
         self.outbox = Outbox(self.store, cfg.sender.max_attempts, cfg.sender.backoff_initial, cfg.sender.backoff_max)
         self.rules = RulesHolder(cfg.rules_path)
         known = set(analyzer_names(cfg))
@@ -46,7 +61,9 @@ class Node:
 
         delivered = mp.get_context("spawn").Event()  # the worker sets it when results are in the outbox
         self.sender = Sender(cfg, self.outbox, wake=delivered)
-        self.workers = [WorkerProcess(cfg.path, delivered) for _ in range(cfg.analyzers.workers)]
+        self.workers = [WorkerProcess(cfg.path, delivered) for _ in range(cfg.analyzers.workers if role != "receiver" else 0)]
+        self.receiving = role != "worker"
+        self.sending = role != "receiver"
         self.health: metrics.HealthServer | None = None
         self._stop = threading.Event()
         self._watch: threading.Thread | None = None
@@ -73,31 +90,40 @@ class Node:
         for name, problem in check_templates(self.cfg).items():
             log.error("analyzer_unavailable", analyzer=name, error=problem,
                       note="the node runs without it; its jobs fail with this error until it is fixed")
-        recovered = self.index.reconcile(reindex_file)
+        # PostgreSQL loses no commit, and a shared spool holds other nodes' files still being written
+        recovered = 0 if self.store.postgres else self.index.reconcile(reindex_file)
+        if self.store.postgres:
+            self.store.clear_tmp()
         requeued = self.queue.recover()
         log.info("node_starting", ae_title=self.cfg.node.ae_title, port=self.cfg.node.port, data_dir=str(self.cfg.data_dir),
-                 rules=len(self.rules.rules.rules), reindexed=recovered, jobs_requeued=requeued, pid=os.getpid())
-        self.receiver.start()  # first: a port already in use stops the start before anything else runs
+                 rules=len(self.rules.rules.rules), reindexed=recovered, jobs_requeued=requeued, pid=os.getpid(),
+                 role=self.role, database=self.store.where)
+        if self.receiving:
+            self.receiver.start()  # first: a port already in use stops the start before anything else runs
         if self.cfg.metrics.enabled:
             self.health = metrics.HealthServer(self.cfg, lambda: metrics.readiness(self), lambda: sorted(self.cfg.destinations))
             self.health.start()
-        self.receiver.on_association_end = self.assembler.wake
-        self._start_extra_receivers()
+        if self.receiving:
+            self.receiver.on_association_end = self.assembler.wake
+            self._start_extra_receivers()
         for w in self.workers:
             w.start()
         self.assembler.on_jobs = self._wake_workers
         self.assembler.start()
-        self.sender.start()
-        self.heartbeat.set("node", {"pid": os.getpid(), "started_at": time.time(), "port": self.receiver.port,
-                                       "ae_title": self.cfg.node.ae_title, "state": "running"})
+        if self.sending:
+            self.sender.start()
+        self.heartbeat.set("node", {"pid": os.getpid(), "started_at": time.time(),
+                                       "port": self.receiver.port if self.receiving else None,
+                                       "ae_title": self.cfg.node.ae_title, "state": "running", "role": self.role})
         self._watch = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
         self._watch.start()
-        audit.record("node_started", port=self.receiver.port, pid=os.getpid())
-        log.info("node_ready", port=self.receiver.port)
+        port = self.receiver.port if self.receiving else None
+        audit.record("node_started", port=port, pid=os.getpid(), role=self.role)
+        log.info("node_ready", port=port, role=self.role)
 
     def _start_extra_receivers(self) -> None:
         """Further receiver processes on the same port, so several associations use several cores."""
-        if self.cfg.node.receivers <= 1 or self.cfg.node.port == 0:
+        if self.cfg.node.receivers <= 1 or self.cfg.node.port == 0 or not self.receiving:
             return
         import multiprocessing as mp
 
@@ -127,8 +153,9 @@ class Node:
         """Restart a worker that died (an analyzer crash must not take the node down); time out long jobs."""
         while not self._stop.wait(1.0):
             try:
-                self.heartbeat.set("receiver", {"associations": self.receiver.active_associations,
-                                                   "stored": self.receiver.stored})
+                if self.receiving:
+                    self.heartbeat.set("receiver", {"associations": self.receiver.active_associations,
+                                                       "stored": self.receiver.stored})
                 for w in self.workers:
                     if not w.alive() and not self._stop.is_set():
                         pid = w.proc.pid if w.proc else None
@@ -138,9 +165,11 @@ class Node:
                         log.error("worker_died", pid=pid, exitcode=w.proc.exitcode if w.proc else None, restarts=w.restarts)
                         w.start()
                 self._time_out_jobs()
+                if self.queue.expire():
+                    self._wake_workers()
                 self._reload_config()
                 self._retention()
-                if self.outbox.next_due_in() == 0:
+                if self.sending and self.outbox.next_due_in() == 0:
                     self.sender.wake()
             except Exception as exc:
                 log.error("supervisor_error", error=f"{type(exc).__name__}: {exc}")
@@ -175,7 +204,7 @@ class Node:
     def _retention(self) -> None:
         """Hourly: purge studies older than storage.retention_days (0 keeps everything)."""
         days = self.cfg.storage.retention_days
-        if days <= 0 or time.time() < self._next_purge:
+        if days <= 0 or time.time() < self._next_purge or not self.store.holds("retention"):
             return
         self._next_purge = time.time() + 3600
         from .retention import purge
@@ -207,7 +236,8 @@ class Node:
             return
         self._stop.set()
         log.info("node_stopping")
-        self.receiver.stop()
+        if self.receiving:
+            self.receiver.stop()
         if self._receivers_stop is not None:
             self._receivers_stop.set()
             for p in self._extra_receivers:
@@ -219,7 +249,8 @@ class Node:
             pid = w.proc.pid if w.proc else None
             if not w.stop(grace):
                 self._recover_jobs_of(pid, "interrupted by the node stopping; it will run again")
-        self.sender.stop(timeout=grace)
+        if self.sending:
+            self.sender.stop(timeout=grace)
         if self.health is not None:
             self.health.stop()
         self.heartbeat.set("node", {"pid": os.getpid(), "state": "stopped", "stopped_at": time.time()})

@@ -2,7 +2,7 @@
 :func:`~dicomnode.analysis.run_analyses` (select → analyze → encode), fills the outbox.
 
 Models are loaded once per analyzer and kept warm. A job's result objects are written durably
-under ``<data>/results/<job id>/`` and handed to the outbox in the same transaction that marks
+under ``<data>/results/<job id>/<attempt>/`` and handed to the outbox in the same transaction that marks
 the job done, so a crash either repeats the whole job (its half-written folder is cleared first)
 or delivers exactly what was committed.
 """
@@ -13,6 +13,7 @@ import multiprocessing as mp
 import os
 import shutil
 import signal
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -23,7 +24,8 @@ import structlog
 from . import audit, metrics
 from .analysis import Analysis, AnalysisContext, Analyzer, NotApplicable, run_analyses
 from .config import Config, load_config
-from .queue import Job, JobQueue
+from .index import Index
+from .queue import Job, JobQueue, worker_name
 from .heartbeat import Heartbeat
 from .store import Store
 
@@ -47,8 +49,9 @@ def encoder_context(cfg: Config):
 class Worker:
     def __init__(self, cfg: Config, store: Store | None = None) -> None:
         self.cfg = cfg
-        self.store = store or Store(cfg.data_dir, fsync=cfg.node.fsync)
-        self.queue = JobQueue(self.store, cfg.analyzers.max_attempts, cfg.analyzers.retry_delay)
+        self.store = store or Store.from_config(cfg)
+        self.index = Index(self.store)
+        self.queue = JobQueue(self.store, cfg.analyzers.max_attempts, cfg.analyzers.retry_delay, cfg.analyzers.lease)
         self._analyzers: dict[str, Analyzer] = {}
         self._templates: dict[str, Any] = {}
         self._ctx = None
@@ -128,11 +131,12 @@ class Worker:
             metrics.job_claimed(self.store, job.id, job.analyzer)
             log.info("job_started", job=job.id, study_uid=job.study_uid, analyzer=job.analyzer, attempt=job.attempts,
                      batch=len(jobs))
-            out_dir = self.store.results / str(job.id)
+            # a folder per attempt: a worker that lost its lease never touches the files of the run that replaced it
+            out_dir = self.store.results / str(job.id) / str(job.attempts)
             shutil.rmtree(out_dir, ignore_errors=True)
             try:
                 self.analyzer(job.analyzer)
-                study = self.store.load_study(job.study_uid)
+                study = self.index.load_study(job.study_uid)
             except Exception as exc:
                 self._settle(job, exc, out_dir)
                 continue
@@ -186,7 +190,8 @@ class Worker:
         summary = analysis.result.summary()
         summary["objects"] = len(analysis.datasets)
         metrics.encode_took(job.analyzer, analysis.encode_seconds + time.monotonic() - t0)
-        self.queue.finish(job.id, rows, summary)
+        if not self.queue.finish(job.id, rows, summary):
+            raise LeaseLost(f"job {job.id} ran past its lease and runs again elsewhere")
         self.on_delivered()
         return len(analysis.datasets)
 
@@ -198,8 +203,10 @@ class Worker:
             self._audit(job, "not_applicable")
             return
         shutil.rmtree(out_dir, ignore_errors=True)
+        if isinstance(exc, LeaseLost):
+            return
         error = f"{type(exc).__name__}: {exc}"
-        outcome = self.queue.fail(job.id, error)
+        outcome = self.queue.fail(job.id, error, worker=worker_name())
         trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=5))
         log.error("job_failed", job=job.id, study_uid=job.study_uid, analyzer=job.analyzer, error=error,
                   outcome=outcome, trace=trace[-1500:])
@@ -219,6 +226,26 @@ class Worker:
                      result=result, **fields)
 
 
+class LeaseLost(Exception):
+    """This worker's claim on a job ran out before it finished; the job belongs to the queue again."""
+
+
+def _keep_leases(queue: JobQueue, parent: int) -> None:
+    """Renew this worker's job leases a few times per lease; leave at once when the node that started us is gone.
+
+    A worker outliving its node (killed) would run on unsupervised; its job's lease then runs
+    out and another node runs the job again.
+    """
+    while True:
+        time.sleep(min(5.0, queue.lease / 3))
+        if os.getppid() != parent:
+            os._exit(1)
+        try:
+            queue.renew()
+        except Exception as exc:  # the database is away for a moment: the next renewal may still be in time
+            log.error("lease_renewal_failed", error=f"{type(exc).__name__}: {exc}")
+
+
 def _encode(ds) -> bytes:
     import io
 
@@ -227,8 +254,9 @@ def _encode(ds) -> bytes:
     return buf.getvalue()
 
 
-def worker_main(config_path: str, stop: Any, wake: Any, delivered: Any = None) -> None:
-    """Entry point of the worker process; ``delivered`` (an event) wakes the sender when results are in the outbox."""
+def worker_main(config_path: str, stop: Any, wake: Any, delivered: Any = None, parent: int | None = None) -> None:
+    """Entry point of the worker process; ``delivered`` (an event) wakes the sender when results are in the outbox,
+    ``parent`` is the node's process id."""
     terminated: list[int] = []  # a signal handler must not take the shared events' locks
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the service decides when we stop
     signal.signal(signal.SIGTERM, lambda signum, _frame: terminated.append(signum))
@@ -241,6 +269,7 @@ def worker_main(config_path: str, stop: Any, wake: Any, delivered: Any = None) -
     worker = Worker(cfg)
     if delivered is not None:
         worker.on_delivered = delivered.set
+    threading.Thread(target=_keep_leases, args=(worker.queue, parent or os.getppid()), name="leases", daemon=True).start()
     log.info("worker_started")
     worker.warm_up()
     while not terminated and not stop.is_set():
@@ -269,7 +298,8 @@ class WorkerProcess:
 
     def start(self) -> None:
         self.stop_event.clear()
-        self.proc = self._ctx.Process(target=worker_main, args=(str(self.config_path), self.stop_event, self.wake_event, self.delivered),
+        self.proc = self._ctx.Process(target=worker_main,
+                                      args=(str(self.config_path), self.stop_event, self.wake_event, self.delivered, os.getpid()),
                                       name="dicomnode-worker", daemon=False)
         self.proc.start()
 

@@ -27,6 +27,8 @@ if [ "$purpose" != run ]; then
         command -v "${cmd_pkg%%:*}" >/dev/null || apt_packages+=("${cmd_pkg##*:}")
     done
     [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || apt_packages+=(orthanc-dicomweb)
+    # the postgres tests start a private server from these binaries
+    compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || apt_packages+=(postgresql)
 fi
 if [ "$purpose" = viewer ]; then
     command -v chromium >/dev/null || apt_packages+=(chromium)
@@ -46,7 +48,7 @@ fi
 
 extras=cpu
 if [ "${DICOMNODE_GPU:-}" = 1 ] || { command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; }; then extras=gpu; fi
-[ "$purpose" != run ] && extras="$extras,train,dev"
+[ "$purpose" != run ] && extras="$extras,train,dev,postgres"
 
 if [ ! -x .venv/bin/python ]; then
     echo "setup: creating .venv with $("$PY" --version)"

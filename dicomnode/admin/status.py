@@ -65,11 +65,11 @@ def node_state(store: Any) -> dict[str, Any]:
 
 def report(cfg: Config) -> dict[str, Any]:
     """:func:`node_state` for the configured data folder (also when the node never ran), plus the rules file's state."""
-    if not cfg.db_path.exists():
+    if not cfg.has_data():
         state = {"up": False, "summary": f"the node has never run with data folder {cfg.data_dir}", "jobs": {}, "outbox": {},
                  "last_error": None, "associations": 0}
     else:
-        state = node_state(Store(cfg.data_dir, fsync=cfg.node.fsync))
+        state = node_state(Store.from_config(cfg))
     try:
         state["rules"] = f"{len(RuleSet.load(cfg.rules_path).rules)} rules in {cfg.rules_path}"
     except RulesError as exc:
@@ -80,9 +80,9 @@ def report(cfg: Config) -> dict[str, Any]:
 
 def node_note(cfg: Config) -> str:
     """A line saying whether a running node will act on a change now or when it starts."""
-    if not cfg.db_path.exists():
+    if not cfg.has_data():
         return "the node is not running; the change takes effect when it starts (`dicomnode serve`)"
-    state = node_state(Store(cfg.data_dir, fsync=cfg.node.fsync))
+    state = node_state(Store.from_config(cfg))
     if state["up"]:
         return "the running node picks this up within a few seconds"
     return f"{state['summary']}; the change takes effect when it starts (`dicomnode serve`)"

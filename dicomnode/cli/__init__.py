@@ -16,12 +16,12 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from . import analyze, callers, destinations, jobs, models, outbox, peers, rules, serve, status, studies
+from . import analyze, callers, db, destinations, jobs, models, outbox, peers, rules, serve, status, studies
 from .changes import audit_change
 from .common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, CliError, opts
 
 # in the order `dicomnode --help` lists them
-NOUNS = (serve, peers, analyze, status, rules, studies, jobs, outbox, destinations, callers, models)
+NOUNS = (serve, peers, analyze, status, rules, studies, jobs, outbox, destinations, callers, models, db)
 
 
 def build_parser() -> argparse.ArgumentParser:

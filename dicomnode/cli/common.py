@@ -36,9 +36,9 @@ def config_of(args: argparse.Namespace, required: bool = True):
 def open_store(cfg):
     from ..store import Store
 
-    if not cfg.db_path.exists():
+    if not cfg.has_data():
         raise CliError(f"no node data at {cfg.data_dir} yet; start the node with `dicomnode serve` first", EXIT_FAIL)
-    return Store(cfg.data_dir, fsync=cfg.node.fsync)
+    return Store.from_config(cfg)
 
 
 def ago(ts: float | None) -> str:

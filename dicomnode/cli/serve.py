@@ -14,7 +14,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = config_of(args)
     setup_logging(cfg, process="node")
     try:
-        node = Node(cfg)
+        node = Node(cfg, role=args.role)
     except Exception as exc:
         raise CliError(f"cannot start: {exc}", EXIT_USAGE) from None
     try:
@@ -29,4 +29,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def register(sub, common: argparse.ArgumentParser) -> None:
     s = sub.add_parser("serve", parents=[common], help="run the node in the foreground")
+    s.add_argument("--role", choices=("all", "receiver", "worker"), default="all",
+                   help="stages to run when several nodes share a PostgreSQL database: receiver (no worker or sender), "
+                        "worker (no receiver), or all (default)")
     s.set_defaults(func=cmd_serve, own_logging=True)

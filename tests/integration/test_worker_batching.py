@@ -10,6 +10,7 @@ from analyzers.phantoms import PhantomPatient, image_dataset
 
 from dicomnode.uids import CR_IMAGE
 from dicomnode.config import Config
+from dicomnode.index import Index
 from dicomnode.receiver import record_from
 from dicomnode.store import Store
 from dicomnode.worker import Worker
@@ -35,7 +36,7 @@ def _store_study(store: Store, seed: int, modality: str = "CR", description: str
     ds.save_as(body, enforce_file_format=True)
     data = body.getvalue()
     size = store.write_durably(path, data)
-    store.index_instance(record_from(pydicom.dcmread(path), path, size))
+    Index(store).add(record_from(pydicom.dcmread(path), path, size))
     return str(ds.StudyInstanceUID)
 
 
@@ -108,7 +109,7 @@ def test_chest_studies_queued_together_are_analysed_in_one_batch(tmp_path):
         ds = pydicom.dcmread(path)
         spool = w.store.spool_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
         size = w.store.write_durably(spool, path.read_bytes())
-        w.store.index_instance(record_from(ds, spool, size))
+        w.index.add(record_from(ds, spool, size))
         studies.append(str(ds.StudyInstanceUID))
         w.queue.enqueue(studies[-1], "chest_xray_thoracic", None, ["PACS"], [])
     analyzer = w.analyzer("chest_xray_thoracic")

@@ -79,3 +79,17 @@ class BatchProbe(IntensityProbe):
             else:
                 out.append(self.analyze(inputs))
         return out
+
+
+class SlowProbe(IntensityProbe):
+    """The probe taking a while per study (``DICOMNODE_PROBE_SECONDS``, default 1.5), so a test can stop a node mid-analysis."""
+
+    name = "slow_probe"
+    title = "Intensity probe, slow (test analyzer)"
+    template_file = Path(__file__).with_name("slow_probe.yaml")
+
+    def analyze(self, inputs):
+        import time
+
+        time.sleep(float(os.environ.get("DICOMNODE_PROBE_SECONDS", "1.5")))
+        return super().analyze(inputs)

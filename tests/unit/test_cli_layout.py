@@ -8,7 +8,7 @@ from pathlib import Path
 
 import dicomnode.cli as cli
 
-NOUNS = ("rules", "destinations", "callers", "jobs", "outbox", "studies", "models", "status", "peers")
+NOUNS = ("rules", "destinations", "callers", "jobs", "outbox", "studies", "models", "status", "peers", "db")
 
 
 def test_each_noun_has_a_cli_module_that_calls_its_admin_module():
@@ -27,4 +27,4 @@ def test_every_command_is_registered_once():
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
     assert set(sub.choices) == {"serve", "echo", "send", "analyze", "phantom", "status", "rules", "studies", "jobs", "outbox",
-                                "destinations", "callers", "models"}
+                                "destinations", "callers", "models", "db"}

@@ -106,14 +106,14 @@ def arrive(store: Store, seed: int, when: float, modality="CR", description="", 
                            instance_number=i + 1, series_description=description)
         path = store.spool_path(str(ds.StudyInstanceUID), series_uid, str(ds.SOPInstanceUID))
         save(ds, path.parent, path.name)
-        store.index_instance(record_from(ds, path, path.stat().st_size, "PACS", "127.0.0.1"), now=when)
+        Index(store).add(record_from(ds, path, path.stat().st_size, "PACS", "127.0.0.1"), now=when)
     return pat.study_uid
 
 
 def finished_job(store: Store, study_uid: str, sent: bool, when: float) -> int:
     q = JobQueue(store)
-    job = q.enqueue(study_uid, "intensity_probe", "any-cr", ["pacs"], [])
-    q.claim()
+    job = q.enqueue(study_uid, "intensity_probe", "any-cr", ["pacs"], [], priority=0)  # ahead of any queued job
+    assert q.claim().id == job
     out = store.results / str(job)
     out.mkdir(parents=True)
     (out / "1.2.3.dcm").write_bytes(b"result")

@@ -97,3 +97,35 @@ def test_the_dashboard_asks_only_for_metrics_the_node_exports():
 def test_docker_compose_accepts_the_file():
     r = subprocess.run(["docker", "compose", "-f", str(DEPLOY / "compose.yaml"), "config", "--quiet"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_the_cluster_stack_puts_haproxy_before_two_nodes_on_one_database_and_spool():
+    stack = yaml.safe_load((DEPLOY / "compose.cluster.yaml").read_text())
+    services = stack["services"]
+    assert set(services) == {"postgres", "orthanc", "node1", "node2", "haproxy"}
+    cfg = load_config(DEPLOY / "compose-cluster-node.yaml")  # every key valid, as the node will check it
+    pg = services["postgres"]["environment"]
+    assert cfg.storage.database == (f"postgresql://{pg['POSTGRES_USER']}:{pg['POSTGRES_PASSWORD']}@postgres:5432/"
+                                    f"{pg['POSTGRES_DB']}")
+    nodes = [services["node1"], services["node2"]]
+    for node in nodes:
+        mounts = dict(v.split(":")[:2] for v in node["volumes"])
+        assert mounts["shared-spool"] == str(cfg.storage.shared_dir)
+        assert mounts["./compose-cluster-node.yaml"] == "/etc/dicomnode/node.yaml"
+        assert node["depends_on"]["postgres"]["condition"] == "service_healthy"
+        assert (DEPLOY / node["build"]["context"] / node["build"]["dockerfile"]).is_file()
+        for volume in node["volumes"]:
+            source = volume.split(":", 1)[0]
+            assert (DEPLOY / source).exists() if source.startswith(".") else source in stack["volumes"]
+    own = {v for n in nodes for v in n["volumes"] if v.endswith(":/var/lib/dicomnode")}
+    assert own == {"node1-data:/var/lib/dicomnode", "node2-data:/var/lib/dicomnode"}  # each node its own data folder
+    assert "postgres" in (DEPLOY / "Dockerfile").read_text().split("pip install", 1)[1].split("\n")[0]
+    haproxy = (DEPLOY / "haproxy" / "haproxy.cfg").read_text()
+    assert "mode tcp" in haproxy and f"bind :{cfg.node.port}" in haproxy
+    assert {f"server {n} {n}:{cfg.node.port}" for n in ("node1", "node2")} <= {line.strip().rsplit(" check", 1)[0]
+                                                                               for line in haproxy.splitlines()}
+    assert f"{cfg.node.port}:{cfg.node.port}" in services["haproxy"]["ports"]
+    assert services["haproxy"]["volumes"][0].startswith("./haproxy/haproxy.cfg:")
+    ae, host, port = json.loads(services["orthanc"]["environment"]["ORTHANC__DICOM_MODALITIES"])["dicomnode"]
+    assert (ae, host, port) == (cfg.node.ae_title, "haproxy", cfg.node.port)
+    assert cfg.destinations["pacs"].host == "orthanc"

@@ -41,15 +41,16 @@ def test_reconcile_indexes_whole_files_and_quarantines_cut_ones(tmp_path):
     assert pydicom.dcmread(files[0]).SOPInstanceUID == files[0].stem
 
 
-def test_each_owner_migrates_its_own_tables_once_and_a_newer_database_is_refused(tmp_path):
-    store = Store(tmp_path / "d", fsync=False)
+def test_each_owner_migrates_its_own_tables_once_and_a_newer_database_is_refused(tmp_path, open_store):
+    store = open_store(tmp_path / "d")
     store.migrate("probe", ("CREATE TABLE probe (a INTEGER)",))
-    again = Store(tmp_path / "d", fsync=False)  # another process opening the same database, one step later
+    again = open_store(tmp_path / "d")  # another process opening the same database, one step later
     again.migrate("probe", ("CREATE TABLE probe (a INTEGER)", "ALTER TABLE probe ADD COLUMN b TEXT"))
     again.migrate("probe", ("CREATE TABLE probe (a INTEGER)", "ALTER TABLE probe ADD COLUMN b TEXT"))
-    assert [r[1] for r in again.db.execute("PRAGMA table_info(probe)")] == ["a", "b"]
+    again.db.execute("INSERT INTO probe VALUES (1, 'x')")
+    assert list(dict(again.db.execute("SELECT * FROM probe").fetchone())) == ["a", "b"]
     Index(again)
     assert dict(again.db.execute("SELECT owner, version FROM schema_versions").fetchall()) == {"probe": 2, "index": 1}
     again.db.execute("UPDATE schema_versions SET version=2 WHERE owner='index'")
     with pytest.raises(RuntimeError, match="newer than this dicomnode knows"):
-        Index(Store(tmp_path / "d", fsync=False))
+        Index(open_store(tmp_path / "d"))

@@ -37,8 +37,8 @@ def sql_tables(source: str) -> tuple[set[str], list[str]]:
                 if isinstance(part, ast.Constant) and isinstance(part.value, str):
                     if _DYNAMIC.search(part.value) and i + 1 < len(parts) and isinstance(parts[i + 1], ast.FormattedValue):
                         dynamic.append(part.value.strip())
-    # clauses, not tables: ON CONFLICT, ON DELETE, DO UPDATE SET
-    return found - {"CONFLICT", "DELETE", "UPDATE", "SET"}, dynamic
+    # clauses, not tables: ON CONFLICT, ON DELETE, DO UPDATE SET, FOR UPDATE SKIP LOCKED
+    return found - {"CONFLICT", "DELETE", "UPDATE", "SET", "SKIP"}, dynamic
 
 
 def modules() -> list[tuple[str, str]]:
