@@ -38,14 +38,12 @@ from dicomnode.runtime import OnnxModel, resolve_entry
 
 from . import preprocess as pp
 from .constants import CURVE_CLASSES, LEVELS, PARTS, SCOLIOSIS_COBB_DEG
-from .geometry import level_at
-from .inference import MaskCalibration, Prediction, deviation_mm, predict
+from .inference import MaskCalibration, Prediction, deviation_mm, implausible_parts, predict, reported_curves, scored_curves
 
 log = structlog.get_logger("dicomnode.analyzers.dxa_scoliosis")
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 GROUP = "Spine"
-MAX_CURVES = 3
 
 DXA_MODALITIES = {"BMD", "DX", "CR", "OT"}
 WHOLE_BODY_PARTS = {"WHOLEBODY", "WHOLE BODY", "TOTALBODY", "TOTAL BODY", "BODY"}
@@ -67,7 +65,7 @@ class DxaScoliosis(Analyzer):
     series_block = 1
     title = "Scoliosis in whole-body DXA"
     outputs = Outputs(
-        findings={"scoliosis": "boolean", "positioning_error": "boolean", "curves": CURVE_CLASSES},
+        findings={"scoliosis": "boolean", "positioning_error": "boolean", "curves": CURVE_CLASSES, "apex_vertebra": LEVELS, "upper_end_vertebra": LEVELS, "lower_end_vertebra": LEVELS},
         measurements={"scoliosis_score": "1", "cobb_angle": "deg", "lateral_deviation": "mm"},
         regions=("spine_midline", "apex"),
         segments=PARTS,
@@ -182,6 +180,9 @@ class DxaScoliosis(Analyzer):
         min_swing = float(seg_entry.extra.get("min_swing_deg", 4.0))
         cal = MaskCalibration.from_json(seg_entry.extra.get("mask_calibration"))
         pred = predict(x, self._seg_fn, self._cls_fn, sigma, min_swing, cal)
+        odd = implausible_parts(pred.masks)
+        if odd:
+            raise NotApplicable(f"the image does not segment like a whole-body DXA scan ({odd}); this analyzer needs the whole-body DXA bone image")
         result = self._result(pred, norm, inst, spacing, cls_entry)
         log.info("analyzed", series=series.series_instance_uid, sop=inst.sop_instance_uid, scoliosis=bool(pred.p_scoliosis >= 0.5), review=result.review_required)
         return result
@@ -215,22 +216,29 @@ class DxaScoliosis(Analyzer):
             step = max(1, len(geo.rows) // 60)
             cols, rows = norm.to_source(geo.cols[::step], geo.rows[::step])
             regions.append(Region("spine_midline", "polyline", np.stack([cols, rows], 1), src, group=GROUP, label="Spine midline"))
-            # as many midline curves as the classifier counts (">1": up to three of 10 degrees or more), largest first, then top to bottom
-            wanted = MAX_CURVES if CURVE_CLASSES[curves_idx] == ">1" else 1
-            ranked = sorted(geo.curves, key=lambda c: -c.cobb)
-            big = [c for c in ranked if c.cobb >= SCOLIOSIS_COBB_DEG][:wanted] or ranked[:1]
-            big = sorted(big, key=lambda c: c.upper)
-            span = max(len(geo.rows) - 1, 1)
-            for c in big:
-                level = level_at(c.apex / span)
-                measurements.append(Measurement("cobb_angle", round(c.cobb, 1), "deg", site=level, group=GROUP, source=src))
-                i, dev = deviation_mm(geo, c, mm_per_px or 1.0)
+            # a curve is reported only where the classifier calls scoliosis and the midline shows it; each curve is its own group
+            curves = reported_curves(pred.p_scoliosis, pred.p_curves, geo, thr_s)
+            for k, rc in enumerate(curves, start=1):
+                name = f"Curve {k}"
+                measurements.append(Measurement("cobb_angle", round(rc.cobb, 1), "deg", site=rc.apex, group=name, source=src))
+                findings += [
+                    Finding("apex_vertebra", rc.apex, site=rc.apex, group=name, source=src),
+                    Finding("upper_end_vertebra", rc.upper, site=rc.upper, group=name, source=src),
+                    Finding("lower_end_vertebra", rc.lower, site=rc.lower, group=name, source=src),
+                ]
+                i, dev = deviation_mm(geo, rc.curve, mm_per_px or 1.0)
                 ac, ar = norm.to_source(geo.cols[i : i + 1], geo.rows[i : i + 1])
-                regions.append(Region("apex", "point", [[float(ac[0]), float(ar[0])]], src, group=GROUP, label=f"Apex ({level})"))
+                regions.append(Region("apex", "point", [[float(ac[0]), float(ar[0])]], src, group=name, label=f"Apex of curve {k} ({rc.apex}, {rc.upper}-{rc.lower}, {rc.cobb:.0f} deg)"))
                 if mm_per_px is not None:
-                    measurements.append(Measurement("lateral_deviation", round(dev, 1), "mm", site=level, group=GROUP, source=src))
-            if (scoliosis and geo.cobb < SCOLIOSIS_COBB_DEG - disagree) or (not scoliosis and geo.cobb >= SCOLIOSIS_COBB_DEG + disagree):
-                reasons.append(f"the classifier ({'scoliosis' if scoliosis else 'no scoliosis'}) and the midline's Cobb estimate ({geo.cobb:.0f} degrees) disagree")
+                    measurements.append(Measurement("lateral_deviation", round(dev, 1), "mm", site=rc.apex, group=name, source=src))
+            n_mid = len(scored_curves(geo))
+            if scoliosis and not curves:
+                reasons.append("the classifier calls scoliosis but the spine midline shows no curve of 10 degrees or more; no curve is reported")
+            elif scoliosis and (CURVE_CLASSES[curves_idx] == ">1") != (n_mid > 1):
+                reasons.append(f"the classifier's number of curves ({CURVE_CLASSES[curves_idx]}) and the midline's ({n_mid}) disagree")
+            largest = max((c.cobb for c in scored_curves(geo)), default=0.0)
+            if not scoliosis and largest >= SCOLIOSIS_COBB_DEG + disagree:
+                reasons.append(f"the spine midline shows a curve of {largest:.0f} degrees but the classifier calls no scoliosis; no curve is reported")
         masks = norm.back(pred.masks.astype(np.float32), order=1) > 0.5
         seg = Segmentation(list(PARTS), np.moveaxis(masks, 0, -1)[None], [src])
         # hotspots weighted by the soft score, so a scan judged normal shows faint evidence, not its own noise at full scale

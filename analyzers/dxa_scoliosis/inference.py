@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 from scipy import ndimage
 
-from .constants import HEAVISIDE_K
+from .constants import CURVE_CLASSES, HEAVISIDE_K, SCOLIOSIS_COBB_DEG
 from .geometry import Curve, curves_from_angles, lateral_deviation, level_at, midline_angles
 from .preprocess import COLS, ROWS
 
@@ -149,8 +149,83 @@ def spine_geometry(mid: np.ndarray, thick: np.ndarray, sigma: float, min_swing: 
     curves = curves_from_angles(angles, min_swing=min_swing)
     main = max(curves, key=lambda cv: cv.cobb) if curves else None
     span = max(len(idx) - 1, 1)
-    levels = [level_at(cv.apex / span) for cv in curves if cv.cobb >= 10.0]
+    levels = [level_at(cv.apex / span) for cv in curves if cv.cobb >= SCOLIOSIS_COBB_DEG]
     return SpineGeometry(r, c, angles, curves, float(main.cobb) if main else 0.0, main, levels)
+
+
+def implausible_parts(masks: np.ndarray) -> str | None:
+    """Why a (6, 416, 128) part segmentation is not a whole body lying in the scanner, or None when it is.
+
+    A whole-body DXA scan segments into the head at the top, the spine below
+    it, the pelvis with its cavity, then two legs reaching the feet; a bone
+    scan, a radiograph or a CT slice that slipped past the header checks gives
+    missing, scattered or misordered parts.
+    """
+    names = ("head", "spine", "pelvis", "pelvic cavity", "left leg", "right leg")
+    rows = [np.flatnonzero(m.any(-1)) for m in masks]
+    missing = [names[k] for k, r in enumerate(rows) if len(r) < 4]
+    if missing:
+        return f"no {', '.join(missing)} found"
+    centre = [float(r.mean()) for r in rows]
+    if not (centre[0] < centre[1] < centre[2] and centre[1] < centre[3]):
+        return "the head, spine and pelvis are not in anatomical order from top to bottom"
+    if not min(centre[4], centre[5]) > centre[2]:
+        return "the legs do not lie below the pelvis"
+    area = masks.reshape(len(masks), -1).mean(-1)
+    # fractions of the 416 x 128 grid, two to three times wider than the phantoms' spread (head 0.026-0.030, legs 0.084-0.106)
+    lo = np.array([0.01, 0.007, 0.02, 0.003, 0.03, 0.03])
+    hi = np.array([0.08, 0.06, 0.12, 0.04, 0.22, 0.22])
+    odd = [names[k] for k in range(len(names)) if not lo[k] <= area[k] <= hi[k]]
+    if odd:
+        return f"the {', '.join(odd)} cover an implausible area"
+    extent = [(r[-1] - r[0] + 1) / max(len(r), 1) for r in rows]
+    if max(extent) > 1.6:
+        return "a body part is scattered over separate strips of the image"
+    return None
+
+
+@dataclass(frozen=True)
+class ReportedCurve:
+    """A scoliotic curve of the midline: Cobb angle, apex and end vertebrae (level names), indices along the midline."""
+
+    curve: Curve
+    cobb: float
+    apex: str
+    upper: str
+    lower: str
+
+
+MIN_CURVE_EXTENT = 0.2
+"""Shortest curve, as a fraction of the T1-L5 midline (about 3.5 levels); shorter swings are segmentation jitter."""
+END_MARGIN = 0.06
+"""A curve whose apex lies in the first or last 6 % of the midline is an artefact of its ends (the spurious "T1" curve)."""
+
+
+def scored_curves(geo: SpineGeometry, threshold: float = SCOLIOSIS_COBB_DEG, min_extent: float = MIN_CURVE_EXTENT, end_margin: float = END_MARGIN) -> list[ReportedCurve]:
+    """The midline's curves of ``threshold`` degrees or more that span enough of the spine, top to bottom."""
+    span = max(len(geo.rows) - 1, 1)
+    out = []
+    for c in geo.curves:
+        apex = c.apex / span
+        if c.cobb < threshold or (c.lower - c.upper) / span < min_extent or not end_margin <= apex <= 1 - end_margin:
+            continue
+        out.append(ReportedCurve(c, float(c.cobb), level_at(apex), level_at(c.upper / span), level_at(min(c.lower / span, 0.999))))
+    return out
+
+
+def reported_curves(p_scoliosis: float, p_curves: np.ndarray, geo: SpineGeometry | None, threshold: float = 0.5) -> list[ReportedCurve]:
+    """Curves reported only where the classifier and the midline agree.
+
+    The classifier must call scoliosis and the midline must show a curve of
+    10 degrees or more; the classifier's number-of-curves class caps how many
+    (largest first, at most three), listed top to bottom.
+    """
+    if geo is None or p_scoliosis < threshold:
+        return []
+    curves = scored_curves(geo)
+    cap = 3 if CURVE_CLASSES[int(np.argmax(p_curves))] == ">1" else 1
+    keep = sorted(curves, key=lambda rc: -rc.cobb)[:cap]
+    return sorted(keep, key=lambda rc: rc.curve.upper)
 
 
 @dataclass

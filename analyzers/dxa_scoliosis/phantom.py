@@ -90,32 +90,39 @@ def _cos_interp(s: np.ndarray, ks: np.ndarray, kv: np.ndarray) -> np.ndarray:
     return kv[i] + (kv[i + 1] - kv[i]) * (1 - np.cos(np.pi * t)) / 2
 
 
+def _cobb_draw(rng: np.random.Generator) -> float:
+    """A curve's Cobb angle from a continuous distribution, dense across the 10-degree definition (no gap)."""
+    return float(rng.uniform(3, 18) if rng.random() < 0.5 else rng.uniform(18, 45))
+
+
 def sample_spine(rng: np.random.Generator, kind: str | None = None) -> tuple[str, np.ndarray, np.ndarray]:
     """Knots (s in [0, 1] from T1 top to L5 bottom, tangent angle in degrees) of a spine shape.
 
-    Straight spines stay below 7 degrees and scoliotic curves above 13 degrees,
-    so the 10-degree definition has a margin on both sides (see MODEL_CARD.md).
+    Curvature is continuous across the 10-degree definition: a "straight" spine
+    wanders by up to about 9 degrees, a single or double curve is drawn from 3 to
+    45 degrees, so the labels (which come from the drawn vertebra tilts) have no
+    margin around the threshold (see MODEL_CARD.md).
     """
-    kind = kind or str(rng.choice(["straight", "single", "double"], p=[0.4, 0.35, 0.25]))
+    kind = kind or str(rng.choice(["straight", "single", "double"], p=[0.3, 0.4, 0.3]))
     sgn = float(rng.choice([-1.0, 1.0]))
     if kind == "straight":
         ks = np.array([0.0, rng.uniform(0.2, 0.45), rng.uniform(0.55, 0.8), 1.0])
-        kv = rng.uniform(-3.4, 3.4, size=4)
+        kv = rng.uniform(-1, 1, size=4) * rng.uniform(0.5, 4.4)
         return kind, ks, kv
     if kind == "single":
-        cobb = rng.uniform(13, 45)
+        cobb = _cobb_draw(rng)
         apex = float(rng.choice([rng.uniform(0.3, 0.5), rng.uniform(0.5, 0.65), rng.uniform(0.65, 0.8)]))
         half = rng.uniform(0.18, 0.3)
         up, lo = max(apex - half, 0.0), min(apex + half, 1.0)
         ks, kv = [up, lo], [sgn * cobb / 2, -sgn * cobb / 2]
         if up > 0.03:
             ks.insert(0, 0.0)
-            kv.insert(0, sgn * (cobb / 2 - rng.uniform(0, 6)))
+            kv.insert(0, sgn * (cobb / 2 - rng.uniform(0, min(6, cobb / 2))))
         if lo < 0.97:
             ks.append(1.0)
-            kv.append(-sgn * (cobb / 2 - rng.uniform(0, 6)))
+            kv.append(-sgn * (cobb / 2 - rng.uniform(0, min(6, cobb / 2))))
         return kind, np.array(ks), np.array(kv)
-    c1, c2 = rng.uniform(13, 40), rng.uniform(13, 40)
+    c1, c2 = _cobb_draw(rng), _cobb_draw(rng)
     b = rng.uniform(0.35, 0.65) * min(c1, c2)
     a, c = c1 - b, c2 - b
     e0, e1, e2 = rng.uniform(0.0, 0.12), rng.uniform(0.42, 0.58), rng.uniform(0.88, 1.0)
@@ -129,7 +136,29 @@ def sample_spine(rng: np.random.Generator, kind: str | None = None) -> tuple[str
     return "double", np.array(ks), np.array(kv)
 
 
+POSITIONING_LIMITS = {"trunk": 4.0, "head": 8.0, "legs": 6.0}
+"""Degrees beyond which a tilted trunk, tilted head or swung/abducted leg is a positioning error."""
+POSITIONING_RANGE = {"trunk": 12.0, "head": 25.0, "legs": 16.0}
+"""Largest tilt drawn per kind; a loose patient's tilts are uniform from 0 to here, across the limit."""
+
+
+def positioning_error(trunk_tilt: float, head_tilt: float, leg_angles: tuple[float, float]) -> list[str]:
+    """The kinds of positioning error (``trunk``, ``head``, ``legs``) a pose has, by ``POSITIONING_LIMITS``."""
+    kinds = []
+    if abs(trunk_tilt) >= POSITIONING_LIMITS["trunk"]:
+        kinds.append("trunk")
+    if abs(head_tilt) >= POSITIONING_LIMITS["head"]:
+        kinds.append("head")
+    if max(abs(leg_angles[0]), abs(leg_angles[1])) >= POSITIONING_LIMITS["legs"]:
+        kinds.append("legs")
+    return kinds
+
+
 def sample_body(rng: np.random.Generator, kind: str | None = None, positioning: bool | None = None) -> Body:
+    """A body with a spine shape and a pose drawn from continuous distributions across the positioning limits.
+
+    ``positioning`` forces the pose to be (True) or not to be (False) a positioning error.
+    """
     pixel = rng.uniform(3.5, 4.5)
     rows = int(round(rng.uniform(1900, 2000) / pixel))
     cols = int(round(rng.uniform(580, 660) / pixel))
@@ -139,26 +168,26 @@ def sample_body(rng: np.random.Generator, kind: str | None = None, positioning: 
     cx = cols * pixel / 2 + rng.normal(0, 20)
     shape, ks, kv = sample_spine(rng, kind)
     body = Body(pixel, rows, cols, height, build, top, cx, ks, kv)
-    body.leg_angles = (rng.uniform(-0.5, 2.5), rng.uniform(-0.5, 2.5))
-    body.head_tilt = rng.uniform(-4, 4)
-    body.trunk_tilt = rng.uniform(-1.5, 1.5)
-    error = bool(rng.random() < 0.3) if positioning is None else positioning
-    kinds: list[str] = []
-    if error:
-        kinds = list(rng.choice(["trunk", "head", "legs"], size=int(rng.integers(1, 3)), replace=False))
-        if "trunk" in kinds:
-            body.trunk_tilt = float(rng.choice([-1, 1]) * rng.uniform(6, 12))
-        if "head" in kinds:
-            body.head_tilt = float(rng.choice([-1, 1]) * rng.uniform(12, 25))
-        if "legs" in kinds:
-            side = float(rng.choice([-1, 1]))
-            if rng.random() < 0.5:  # both legs swung to one side
-                a = rng.uniform(7, 13)
-                body.leg_angles = (-side * a, side * a)
-            else:  # one leg abducted
-                a = rng.uniform(10, 16)
-                body.leg_angles = (a, body.leg_angles[1]) if side > 0 else (body.leg_angles[0], a)
-    body.truth = {"spine_shape": shape, "positioning_error": error, "positioning_kinds": kinds}
+    for _ in range(100):
+        tilt = {"trunk": rng.uniform(-1.5, 1.5), "head": rng.uniform(-4, 4)}
+        legs = [rng.uniform(-0.5, 2.5), rng.uniform(-0.5, 2.5)]
+        loose = rng.random() < (0.5 if positioning is None else 0.85 if positioning else 0.3)
+        if loose:  # one or two parts placed carelessly, by any amount up to the range
+            for part in rng.choice(["trunk", "head", "legs"], size=int(rng.integers(1, 3)), replace=False):
+                a = float(rng.uniform(0, POSITIONING_RANGE[part]))
+                if part == "legs":
+                    side = int(rng.integers(0, 2))
+                    if rng.random() < 0.5:  # both legs swung to one side
+                        legs = [-a, a] if side else [a, -a]
+                    else:  # one leg abducted
+                        legs[side] = max(a, legs[side])
+                else:
+                    tilt[part] = float(rng.choice([-1, 1])) * a
+        kinds = positioning_error(tilt["trunk"], tilt["head"], (legs[0], legs[1]))
+        if positioning is None or bool(kinds) == positioning:
+            break
+    body.trunk_tilt, body.head_tilt, body.leg_angles = tilt["trunk"], tilt["head"], (legs[0], legs[1])
+    body.truth = {"spine_shape": shape, "positioning_error": bool(kinds), "positioning_kinds": kinds}
     return body
 
 
@@ -410,6 +439,7 @@ def render(body: Body, rng: np.random.Generator) -> dict[str, Any]:
         curves_class=curve_class(n),
         scoliosis=bool(cobb >= 10.0),
         apex_levels=[LEVELS[c.apex] for c in curves if c.cobb >= 10.0],
+        curves=[{"cobb_deg": round(c.cobb, 3), "apex": LEVELS[c.apex], "upper": LEVELS[c.upper], "lower": LEVELS[c.lower]} for c in curves if c.cobb >= 10.0],
         curve_cobbs=[round(c.cobb, 3) for c in curves],
         lateral_deviation_mm=round(float(dev_mm), 3),
         vertebra_tilts_deg=[round(float(t), 3) for t in tilts],
@@ -509,18 +539,21 @@ def write_study(folder: Path, case: dict[str, Any], rng: np.random.Generator, in
     patient = ph.PhantomPatient.make(rng, "dxa", index, age_years=float(np.clip(age, 9, 15.9)), study_description="DXA Total Body")
     pixel = truth["pixel_mm"]
     written: list[tuple[str, str]] = []
+    # export variants: 12- or 16-bit, MONOCHROME1 (bone dark in the stored values) where the IOD allows it
+    bits = 16 if rng.random() < 0.3 else 12
+    mono1 = style != "dx" and rng.random() < 0.3
     if style in ("bmd", "dx"):
-        kw = dict(patient=patient, pixel_spacing=(pixel, pixel), bits_stored=12, series_description="Total Body")
+        kw = dict(patient=patient, pixel_spacing=(pixel, pixel), bits_stored=bits, series_description="Total Body")
         if style == "bmd":
-            ds = ph.image_dataset(_to_stored(case["bone"], 12), modality="BMD", sop_class_uid=BMD_SC, **kw)
+            ds = ph.image_dataset(_to_stored(1 - case["bone"] if mono1 else case["bone"], bits), modality="BMD", sop_class_uid=BMD_SC, photometric="MONOCHROME1" if mono1 else "MONOCHROME2", **kw)
         else:
-            stored = _to_stored(case["bone"], 12)
+            stored = _to_stored(case["bone"], bits)
             ds = ph.image_dataset(stored, modality="DX", sop_class_uid=ph.DX_IMAGE_PRESENTATION, attributes={**DX_ATTRIBUTES, **_window(stored), "AnatomicRegionSequence": _entire_body()}, **kw)
         ph.save(ds, folder)
         written.append(("wb_bone", ds.SOPInstanceUID))
         bone_uid = ds.SOPInstanceUID
         if rng.random() < 0.5:  # a soft-tissue image in its own series: select must skip it
-            soft = ph.image_dataset(_to_stored(case["soft"], 12), modality=ds.Modality, sop_class_uid=ds.SOPClassUID, series_number=2, **{**kw, "series_description": "Total Body Soft Tissue"}, attributes={**DX_ATTRIBUTES, **_window(_to_stored(case["soft"], 12)), "AnatomicRegionSequence": _entire_body()} if style == "dx" else None)
+            soft = ph.image_dataset(_to_stored(case["soft"], bits), modality=ds.Modality, sop_class_uid=ds.SOPClassUID, series_number=2, **{**kw, "series_description": "Total Body Soft Tissue"}, attributes={**DX_ATTRIBUTES, **_window(_to_stored(case["soft"], bits)), "AnatomicRegionSequence": _entire_body()} if style == "dx" else None)
             ph.save(soft, folder)
             written.append(("wb_soft", soft.SOPInstanceUID))
     else:
@@ -538,14 +571,15 @@ def write_study(folder: Path, case: dict[str, Any], rng: np.random.Generator, in
         bone_uid = ""
         for number, view in enumerate(order, start=1):
             # like such exports: no BodyPartExamined, ViewPosition or spacing (not a conformant CR header)
-            ds = ph.image_dataset(_to_stored(views[view], 8), patient=patient, modality="CR", series_uid=series_uid, instance_number=number, series_description="DXA Images", bits_stored=8)
+            pixels = 1 - views[view] if mono1 else views[view]
+            ds = ph.image_dataset(_to_stored(pixels, 8), patient=patient, modality="CR", series_uid=series_uid, instance_number=number, series_description="DXA Images", bits_stored=8, photometric="MONOCHROME1" if mono1 else "MONOCHROME2")
             ds.Manufacturer = "GE Healthcare"
             ds.ManufacturerModelName = "Lunar iDXA"
             ph.save(ds, folder)
             written.append((view, ds.SOPInstanceUID))
             if view == "wb_bone":
                 bone_uid = ds.SOPInstanceUID
-    truth.update(style=style, wb_bone_sop_uid=bone_uid, instances=dict((v, u) for v, u in written), has_spacing=style != "idxa", study_uid=patient.study_uid)
+    truth.update(style=style, bits_stored=8 if style == "idxa" else bits, photometric="MONOCHROME1" if mono1 else "MONOCHROME2", wb_bone_sop_uid=bone_uid, instances=dict((v, u) for v, u in written), has_spacing=style != "idxa", study_uid=patient.study_uid)
     np.savez_compressed(folder / "truth_masks.npz", masks=case["masks"], parts=np.array(PARTS))
     ph.write_truth(folder, truth)
     return truth
@@ -562,3 +596,21 @@ def write_phantoms(out_dir: Path, n: int, seed: int) -> list[Path]:
         write_study(folder, case, rng, i)
         folders.append(folder)
     return folders
+
+
+def write_grid(path: Path, n: int = 8, seed: int = 7) -> Path:
+    """A PNG of ``n`` phantom bone images side by side (the model card's picture), each scaled to one height."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    tiles = []
+    for _ in range(n):
+        img = Image.fromarray((make_case(rng)["bone"] * 255).astype(np.uint8))
+        tiles.append(img.resize((max(1, round(img.width * 400 / img.height)), 400), Image.BILINEAR))
+    grid = Image.new("L", (sum(t.width for t in tiles) + 4 * (n - 1), 400))
+    x = 0
+    for t in tiles:
+        grid.paste(t, (x, 0))
+        x += t.width + 4
+    grid.save(path, optimize=True)
+    return Path(path)

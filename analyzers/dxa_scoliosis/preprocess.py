@@ -23,6 +23,8 @@ ROWS, COLS = 416, 128
 """The paper's normalised scan size."""
 
 MIN_ASPECT = 2.0
+MAX_ASPECT = 3.8
+"""Height over width (in mm) of a whole-body DXA scan: about 2.9 on a GE Lunar iDXA (790 x 270); an NM whole-body bone scan (1024 x 256) has 4."""
 MIN_BONE_CONTRAST = 1.8
 
 
@@ -141,7 +143,7 @@ class ViewCheck:
 
     @property
     def whole_body(self) -> bool:
-        return self.aspect >= MIN_ASPECT and self.extent >= 0.55 and self.legs >= 0.5 and self.head <= 0.7
+        return MIN_ASPECT <= self.aspect <= MAX_ASPECT and self.extent >= 0.55 and self.legs >= 0.5 and self.head <= 0.7
 
     @property
     def bone(self) -> bool:
@@ -150,6 +152,8 @@ class ViewCheck:
     def reason(self) -> str:
         if self.aspect < MIN_ASPECT:
             return f"the image is not tall and narrow (rows/columns {self.aspect:.1f}, a whole-body scan has 2 or more)"
+        if self.aspect > MAX_ASPECT:
+            return f"the image is too narrow for a whole-body DXA scan (rows/columns {self.aspect:.1f}, more than {MAX_ASPECT}), as in a whole-body bone scan"
         if self.extent < 0.55:
             return "the body covers too little of the image height for a whole-body scan"
         if self.legs < 0.5:

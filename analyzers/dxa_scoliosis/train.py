@@ -12,9 +12,10 @@ writes them: DICOM files, ``truth.json`` (``wb_bone_sop_uid``, ``scoliosis``,
 ``constants.PARTS``). The paper's ALSPAC data are not public and have no published
 file format, so real labels have to be brought into this layout.
 
-Seeds: training phantoms use ``--seed`` (default 1), the calibration set
-``seed + 1000`` and the held-out evaluation ``seed + 5000``; the tests use
-seeds from 90000 up, which training never touches.
+Seeds: training phantoms use ``--seed`` (default 1), the calibration (tuning)
+set ``seed + 1000``; the held-out evaluation uses the frozen test seed
+``evaluate.TEST_SEED``, drawn once per release and never trained or tuned on.
+The tests use seeds from 90000 up, which training never touches.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from dicomnode.analysis import RegistryEntry, sha256_file
 
 from . import preprocess as pp
 from .constants import HEAVISIDE_K, PARTS
-from .evaluate import evaluate
+from .evaluate import TEST_SEED, evaluate, failures
 from .inference import MaskCalibration, midpoints, mirror, part_maps, rebuild_masks, run_centres
 from .phantom import make_case
 
@@ -63,6 +64,37 @@ def case_arrays(img: np.ndarray, masks: np.ndarray, spacing: tuple[float, float]
     return {"x": x, "mid": mid, "thick": thick, "masks": m}
 
 
+MAX_TRUE_CURVES = 4
+
+
+def _labels(truth: dict[str, Any]) -> dict[str, Any]:
+    """Per-case labels from a ``truth.json``-like dict: classes, Cobb angles, curves, pose."""
+    from .constants import LEVELS
+    from .phantom import POSITIONING_LIMITS
+
+    curves = truth.get("curves", [])[:MAX_TRUE_CURVES]
+    cobbs = np.full(MAX_TRUE_CURVES, np.nan, np.float32)
+    apex = np.full(MAX_TRUE_CURVES, -1, np.int64)
+    for k, c in enumerate(curves):
+        cobbs[k], apex[k] = c["cobb_deg"], LEVELS.index(c["apex"])
+    pose = np.nan
+    if "trunk_tilt_deg" in truth:
+        legs = max(abs(a) for a in truth["leg_angles_deg"])
+        pose = max(abs(truth["trunk_tilt_deg"]) / POSITIONING_LIMITS["trunk"], abs(truth["head_tilt_deg"]) / POSITIONING_LIMITS["head"], legs / POSITIONING_LIMITS["legs"])
+    return {
+        "scoliosis": int(truth["scoliosis"]), "positioning": int(truth["positioning_error"]), "curves": CURVE_INDEX[truth["curves_class"]],
+        "cobb": float(truth.get("cobb_deg", np.nan)), "deviation_mm": float(truth.get("lateral_deviation_mm", np.nan)),
+        "n_curves": len(truth.get("curves", [])), "curve_cobb": cobbs, "curve_apex": apex, "pose": float(pose),
+    }
+
+
+def _stack(xs: list, mids: list, thicks: list, labels: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    out = {"x": np.stack(xs), "mid": np.stack(mids), "thick": np.stack(thicks)}
+    for key in labels[0]:
+        out[key] = np.array([lab[key] for lab in labels])
+    return out
+
+
 def generate(n: int, seed: int, log_every: int = 100) -> dict[str, np.ndarray]:
     """``n`` phantoms as normalised arrays plus labels."""
     rng = np.random.default_rng(seed)
@@ -72,15 +104,13 @@ def generate(n: int, seed: int, log_every: int = 100) -> dict[str, np.ndarray]:
         case = make_case(rng)
         bits = 8 if rng.random() < 0.5 else 12
         a = case_arrays(as_displayed(case["bone"], bits), case["masks"])
-        tr = case["truth"]
         xs.append(np.round(a["x"] * 255).astype(np.uint8))
         mids.append(a["mid"].astype(np.float16))
         thicks.append(a["thick"].astype(np.uint8))
-        lab.append((int(tr["scoliosis"]), int(tr["positioning_error"]), CURVE_INDEX[tr["curves_class"]], tr["cobb_deg"], tr["lateral_deviation_mm"]))
+        lab.append(_labels(case["truth"]))
         if log_every and (i + 1) % log_every == 0:
             print(f"  phantoms {i + 1}/{n} ({time.time() - t0:.0f} s)", flush=True)
-    lab_arr = np.array(lab, dtype=np.float32)
-    return {"x": np.stack(xs), "mid": np.stack(mids), "thick": np.stack(thicks), "scoliosis": lab_arr[:, 0].astype(np.int64), "positioning": lab_arr[:, 1].astype(np.int64), "curves": lab_arr[:, 2].astype(np.int64), "cobb": lab_arr[:, 3], "deviation_mm": lab_arr[:, 4]}
+    return _stack(xs, mids, thicks, lab)
 
 
 def load_studies(folder: Path) -> dict[str, np.ndarray]:
@@ -98,11 +128,10 @@ def load_studies(folder: Path) -> dict[str, np.ndarray]:
         xs.append(np.round(a["x"] * 255).astype(np.uint8))
         mids.append(a["mid"].astype(np.float16))
         thicks.append(a["thick"].astype(np.uint8))
-        lab.append((int(truth["scoliosis"]), int(truth["positioning_error"]), CURVE_INDEX[truth["curves_class"]], float(truth.get("cobb_deg", np.nan)), float(truth.get("lateral_deviation_mm", np.nan))))
+        lab.append(_labels(truth))
     if not xs:
         raise SystemExit(f"no studies with truth.json under {folder}")
-    lab_arr = np.array(lab, dtype=np.float32)
-    return {"x": np.stack(xs), "mid": np.stack(mids), "thick": np.stack(thicks), "scoliosis": lab_arr[:, 0].astype(np.int64), "positioning": lab_arr[:, 1].astype(np.int64), "curves": lab_arr[:, 2].astype(np.int64), "cobb": lab_arr[:, 3], "deviation_mm": lab_arr[:, 4]}
+    return _stack(xs, mids, thicks, lab)
 
 
 def _mid_distribution(mid: np.ndarray) -> np.ndarray:
@@ -358,6 +387,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n-cal", type=int, default=120)
     ap.add_argument("--n-test", type=int, default=300)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--test-seed", type=int, default=TEST_SEED, help="seed of the held-out phantoms (frozen per release)")
     ap.add_argument("--seg-width", type=int, default=8)
     ap.add_argument("--seg-steps", type=int, default=800)
     ap.add_argument("--cls-width", type=int, default=16)
@@ -366,11 +396,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seg-onnx", type=Path, help="reuse this exported segmentation CNN and train only the classifier")
     ap.add_argument("--save-torch", type=Path, help="also save the torch state dicts here (for fine-tuning)")
     ap.add_argument("--calibrate-only", action="store_true", help="keep the ONNX files in --out; redo calibration, evaluation and registry files")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = ap.parse_args(argv)
 
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     t0 = time.time()
     if args.calibrate_only:
         seg_path, cls_path = args.out / "dxa_seg.onnx", args.out / "dxa_cls.onnx"
@@ -417,10 +448,11 @@ def finish(args: argparse.Namespace, seg_path: Path, cls_path: Path, n_train: in
     cal, cal_report = calibrate_masks(cal_data, seg_fn)
     sigma, sigma_scores = calibrate_sigma(cal_data, seg_fn, cal)
     print(f"  {cal.to_json()} sigma {sigma} ({sigma_scores})", flush=True)
-    print(f"evaluating on {args.n_test} held-out phantoms (seed {args.seed + 5000})", flush=True)
-    test = generate(args.n_test, args.seed + 5000, log_every=0)
+    print(f"evaluating on {args.n_test} held-out phantoms (seed {args.test_seed})", flush=True)
+    test = generate(args.n_test, args.test_seed, log_every=0)
     metrics = evaluate(test, seg_fn, cls_fn, sigma, cal)
-    metrics.update(seed_test=args.seed + 5000, seed_train=args.seed, seed_calibration=args.seed + 1000, n_train=n_train, n_calibration=args.n_cal, sigma_calibration=sigma_scores, mask_calibration=cal_report, seconds=round(time.time() - t0))
+    metrics["failures"] = failures(metrics)
+    metrics.update(seed_test=args.test_seed, seed_train=args.seed, seed_calibration=args.seed + 1000, n_train=n_train, n_calibration=args.n_cal, sigma_calibration=sigma_scores, mask_calibration=cal_report, seconds=round(time.time() - t0))
     print(json.dumps(metrics, indent=2), flush=True)
 
     phantom = not bool(args.studies)

@@ -1,9 +1,9 @@
-"""The bundled dxa_scoliosis weights on FRESH held-out phantoms (seeds never used in training).
+"""The bundled dxa_scoliosis weights on FRESH held-out phantoms (seeds never used in training or tuning).
 
-Targets of the issue: spine IoU >= 0.85, head IoU >= 0.90, scoliosis accuracy
->= 95 %, number-of-curves accuracy >= 90 %, Spearman(soft score, Cobb) >= 0.8,
-Cobb estimate mean absolute error <= 5 degrees. Training used seeds 1 (train),
-1001 (calibration) and 5001 (evaluation); these tests use 90 000 and up.
+The targets are ``evaluate.TARGETS`` (per-class mean accuracies, part IoU,
+scored curves: count, Cobb error, apex level); a missing or NaN figure fails.
+Training used seeds 1 (train) and 1001 (calibration), metrics.json the frozen
+test seed; these tests use 90 000 and up.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import pytest
 
 from dicomnode.analysis import RegistryEntry
 from analyzers.dxa_scoliosis import train
+from analyzers.dxa_scoliosis.evaluate import failures
 from analyzers.dxa_scoliosis.inference import MaskCalibration
 
 WEIGHTS = Path(train.__file__).resolve().parent / "weights"
@@ -31,18 +32,20 @@ def _evaluate(n: int, seed: int) -> dict:
 
 
 def _check(m: dict) -> None:
-    assert m["iou"]["spine"] >= 0.85, m
-    assert m["iou"]["head"] >= 0.90, m
-    assert m["scoliosis_accuracy"] >= 0.95, m
-    assert m["curves_accuracy"] >= 0.90, m
-    assert m["spearman_score_cobb"] >= 0.8, m
-    assert m["cobb_mae_deg"] <= 5.0, m
+    assert not failures(m), (failures(m), m)
 
 
 def test_targets_on_fresh_phantoms():
-    _check(_evaluate(40, 90_400))
+    _check(_evaluate(60, 90_400))
 
 
 @pytest.mark.slow
 def test_targets_on_a_larger_fresh_set():
     _check(_evaluate(400, 91_000))
+
+
+def test_failures_catch_missing_and_nan_figures():
+    m = {"iou": {"spine": 0.9}, "scoliosis_mean_class_accuracy": float("nan"), "scoliosis_bands": [{"range": [5, 10], "n": 0, "accuracy": None}]}
+    out = failures(m)
+    assert any("scoliosis_mean_class_accuracy" in f for f in out)
+    assert any("iou.head" in f for f in out) and any("scoliosis_bands" in f for f in out) and any("positioning_bands" in f for f in out)

@@ -9,6 +9,7 @@ import pydicom
 import pytest
 
 from analyzers import phantoms as ph
+from dicomnode import imaging
 from dicomnode.analysis import NotApplicable, Study
 from analyzers.dxa_scoliosis import preprocess as pp
 from analyzers.dxa_scoliosis.analyzer import DxaScoliosis
@@ -123,3 +124,76 @@ def test_default_rules_route_every_phantom_header_style_here(studies):
         ds = pydicom.dcmread(next(folder.glob("*.dcm")), stop_before_pixels=True)
         matched = [a for r in rules.match(view_of_dataset(ds, "PACS")) for a in r.analyzers]
         assert "dxa_scoliosis" in matched, name
+
+
+def _relabel_ot(ds: pydicom.Dataset, pixels: np.ndarray | None = None) -> pydicom.Dataset:
+    """A real image exported as a secondary capture with Modality OT and no body part, as some PACS forward it."""
+    rng = np.random.default_rng(7)
+    img = imaging.display_image(ds, 0) if pixels is None else pixels
+    out = ph.image_dataset(np.round(np.clip(img, 0, 1) * 4095).astype(np.uint16), patient=ph.PhantomPatient.make(rng, "ot", 1), modality="OT", series_description="Images", bits_stored=12)
+    return out
+
+
+def _declined(ds: pydicom.Dataset) -> str:
+    a = DxaScoliosis()
+    with pytest.raises(NotApplicable) as info:
+        a.analyze(a.select(Study.from_datasets([ds])))
+    return str(info.value)
+
+
+REAL_NON_DXA = [
+    "realdata/pydicom-data/data_store/data/RG1_J2KI.dcm",  # frontal chest CR
+    "realdata/highdicom/data/test_files/dx_image.dcm",  # lateral radiograph
+    "realdata/highdicom/data/test_files/ct_image.dcm",  # CT slice
+    "realdata/pydicom-data/data_store/data/MR2_J2KI.dcm",  # MR slice
+]
+
+
+@pytest.mark.parametrize("rel", REAL_NON_DXA)
+def test_real_non_dxa_images_relabelled_ot_are_declined(rel):
+    path = SHARED / rel
+    if not path.is_file():
+        pytest.skip(f"{rel} is not present (no ../shared)")
+    assert "whole-body" in _declined(_relabel_ot(pydicom.dcmread(path)))
+
+
+@pytest.mark.parametrize("rel", REAL_NON_DXA[:2])
+def test_real_radiographs_stretched_to_the_dxa_geometry_are_declined(rel):
+    """A real radiograph resampled to the scanner's portrait geometry (790 x 270) passes the shape checks; its content must not."""
+    from scipy import ndimage
+
+    path = SHARED / rel
+    if not path.is_file():
+        pytest.skip(f"{rel} is not present (no ../shared)")
+    img = imaging.display_image(pydicom.dcmread(path), 0)
+    tall = ndimage.zoom(img, (790 / img.shape[0], 270 / img.shape[1]), order=1)
+    _declined(_relabel_ot(pydicom.dcmread(path), tall))
+
+
+def test_a_whole_body_bone_scan_relabelled_ot_is_declined():
+    """Counts of a skeleton on a 1024 x 256 matrix (anterior whole-body bone scan geometry), hot bladder, Modality OT."""
+    rng = np.random.default_rng(90_120)
+    case = make_case(rng, kind="straight")
+    from scipy import ndimage
+
+    bone = ndimage.zoom(case["bone"], (1024 / case["bone"].shape[0], 256 / case["bone"].shape[1]), order=1)
+    counts = rng.poisson(np.clip(bone - 0.15, 0, None) * 60).astype(np.float32)
+    counts[560:600, 110:146] += 400
+    reason = _declined(_relabel_ot(pydicom.Dataset(), counts / counts.max()))
+    assert "too narrow" in reason or "whole-body" in reason
+
+
+def test_part_order_and_areas_are_checked():
+    from analyzers.dxa_scoliosis.inference import implausible_parts
+    from analyzers.dxa_scoliosis.train import case_arrays
+
+    rng = np.random.default_rng(90_130)
+    case = make_case(rng)
+    masks = case_arrays(case["bone"], case["masks"])["masks"]
+    assert implausible_parts(masks) is None
+    strips = masks.copy()
+    strips[:, : pp.ROWS // 2], strips[:, pp.ROWS // 2 :] = masks[:, pp.ROWS // 2 :], masks[:, : pp.ROWS // 2]  # pelvis above the head
+    assert "order" in implausible_parts(strips) or "legs" in implausible_parts(strips)
+    scattered = masks.copy()
+    scattered[0, 300:310] = True  # a strip of "head" over the legs
+    assert implausible_parts(scattered) is not None
