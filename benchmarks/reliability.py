@@ -51,7 +51,8 @@ def module_summary(path: Path) -> str:
 def run(fuzz_cases: int, work: Path) -> tuple[ET.Element, str, float]:
     junit = work / "junit.xml"
     env = {**os.environ, "FUZZ_CASES": str(fuzz_cases), "TCP_NODELAY": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow", "-o", "junit_family=xunit1",
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow",
+           "-o", "junit_family=xunit1",  # the family that keeps record_property in the report
            f"--junitxml={junit}", *MODULES]
     t0 = time.monotonic()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)

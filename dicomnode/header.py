@@ -339,7 +339,8 @@ def _read_until_pixels(dataset: Any, implicit: bool, little: bool) -> tuple[Data
         try:
             ds = read_dataset(fp, implicit, little, stop_when=stop)
             pos = fp.tell()
-            if len(head) - pos >= 4 and struct.unpack_from("<HH" if little else ">HH", head, pos) in _PIXEL_GROUP_ELEMENTS:
+            tag_at = struct.unpack_from("<HH" if little else ">HH", head, pos) if len(head) - pos >= 4 else None
+            if tag_at in _PIXEL_GROUP_ELEMENTS:
                 return ds, pos
         except Exception:  # the header runs past the slice: parse the whole data set below
             pass

@@ -308,7 +308,7 @@ class StorageSCP:
 
     @property
     def waiting_connections(self) -> int:
-        """Connections that have not sent a whole A-ASSOCIATE-RQ yet, or whose association ended and that are closing."""
+        """Connections still sending their A-ASSOCIATE-RQ, or closing after their association ended."""
         return self._gate.waiting if self._gate is not None else 0
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -561,7 +561,8 @@ class _Association:
                         raise ProtocolError("command fragment while a data set was expected", ABORT_UNEXPECTED_PARAMETER)
                     context_id = pcid
                     if len(command) + len(fragment) > MAX_COMMAND:
-                        raise ProtocolError(f"DIMSE command set longer than {MAX_COMMAND} bytes", ABORT_INVALID_PARAMETER)
+                        raise ProtocolError(f"DIMSE command set longer than {MAX_COMMAND} bytes",
+                                            ABORT_INVALID_PARAMETER)
                     command += fragment
                     if not mch & 2:
                         continue

@@ -168,7 +168,8 @@ def parse_associate_rq(body: bytes | memoryview) -> AssociateRequest:
                     transfers.append(uid_text(sub))
             pcid = value[0]
             if not pcid & 1 or any(pcid == known for known, _, _ in rq.contexts):  # PS3.8 9.3.2.2
-                raise ProtocolError(f"presentation context ID {pcid} is even or proposed twice", ABORT_INVALID_PARAMETER)
+                raise ProtocolError(f"presentation context ID {pcid} is even or proposed twice",
+                                    ABORT_INVALID_PARAMETER)
             rq.contexts.append((pcid, abstract, transfers))
         elif item_type == 0x50:
             for sub_type, sub in items(value, "A-ASSOCIATE-RQ"):

@@ -103,6 +103,7 @@ class Gate:
     def start(self) -> None:
         self.listener.setblocking(False)
         self._waker_r.setblocking(False)
+        self._waker_w.setblocking(False)  # a full waker must never block an association thread
         self._selector.register(self.listener, selectors.EVENT_READ, "listener")
         self._selector.register(self._waker_r, selectors.EVENT_READ, "waker")
         self._thread = threading.Thread(target=self._run, name=f"acceptor-{self.listener.getsockname()[1]}",
@@ -154,31 +155,11 @@ class Gate:
                     if self._stopping:
                         return
                     handed, self._handed = self._handed, []
-                now = time.monotonic()
-                for sock, address in handed:
-                    self._hold(_Connection(sock, address, "closing", now + self.artim))
-                self._expire(now)
-                timeout = min((c.deadline for c in self._connections.values()), default=now + 1.0) - now
-                for key, events in self._selector.select(max(0.0, min(timeout, 1.0))):
-                    if key.data == "listener":
-                        self._accept()
-                    elif key.data == "waker":
-                        try:
-                            while self._waker_r.recv(4096):
-                                pass
-                        except _WOULD_BLOCK:
-                            pass
-                    else:
-                        conn = self._connections.get(key.fd)
-                        if conn is not None:
-                            try:
-                                self._step(conn)
-                            except Exception as exc:  # a bug met by one connection must not close the door
-                                log.error("acceptor_connection_crashed", error=f"{type(exc).__name__}: {exc}")
-                                self._drop(conn)
-                self._summarise()
-        except Exception as exc:  # the gate is the node's only door: log the bug, keep nothing half-open
-            log.error("acceptor_gate_crashed", error=f"{type(exc).__name__}: {exc}")
+                try:
+                    self._turn(handed)
+                except Exception as exc:  # the gate is the node's only door: log the bug and keep it open
+                    log.error("acceptor_gate_crashed", error=f"{type(exc).__name__}: {exc}")
+                    time.sleep(0.1)
         finally:
             for conn in list(self._connections.values()):
                 self._drop(conn)
@@ -191,6 +172,32 @@ class Gate:
             _close(self.listener)
             _close(self._waker_r)
             _close(self._waker_w)
+
+    def _turn(self, handed: list[tuple[socket.socket, tuple]]) -> None:
+        """One turn of the loop: take back handed sockets, expire deadlines, serve what is ready."""
+        now = time.monotonic()
+        for sock, address in handed:
+            self._hold(_Connection(sock, address, "closing", now + self.artim))
+        self._expire(now)
+        timeout = min((c.deadline for c in self._connections.values()), default=now + 1.0) - now
+        for key, _ in self._selector.select(max(0.0, min(timeout, 1.0))):
+            if key.data == "listener":
+                self._accept()
+            elif key.data == "waker":
+                try:
+                    while self._waker_r.recv(4096):
+                        pass
+                except _WOULD_BLOCK:
+                    pass
+            else:
+                conn = self._connections.get(key.fd)
+                if conn is not None:
+                    try:
+                        self._step(conn)
+                    except Exception as exc:  # a bug met by one connection must not close the door
+                        log.error("acceptor_connection_crashed", error=f"{type(exc).__name__}: {exc}")
+                        self._drop(conn)
+        self._summarise()
 
     def _accept(self) -> None:
         for _ in range(64):  # a burst at a time, so the connections already here keep being served
@@ -322,7 +329,8 @@ class Gate:
                 self._drop_after_abort(conn)
                 return True
             if pdu_type != ASSOCIATE_RQ or conn.length > self.max_request:  # AA-1
-                self._count("not an association request" if pdu_type != ASSOCIATE_RQ else "association request too long")
+                why = "not an association request" if pdu_type != ASSOCIATE_RQ else "association request too long"
+                self._count(why)
                 self._to_closing(conn, abort_pdu(ABORT_NOT_SPECIFIED, SOURCE_USER))
                 conn.skip = conn.length
                 return False

@@ -1,4 +1,4 @@
-"""The acceptor's resources under hostile peers: stalled and trickling connections, floods, memory inside an association.
+"""The acceptor's resources under hostile peers: stalled and trickling connections, floods, memory in an association.
 
 Every test talks to a live acceptor over real sockets and ends with a real C-ECHO (DCMTK echoscu)
 that must still succeed.

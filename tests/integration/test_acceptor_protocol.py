@@ -134,8 +134,9 @@ def test_several_pdvs_in_one_pdu(scp, record_property):
     s.sendall(p_data((3, 0x01, command[:20]), (3, 0x03, command[20:]), (3, 0x00, data[:half]),
                      (3, 0x00, data[half:-10]), (3, 0x02, data[-10:])))
     store = response_status(s)
+    same = bytes(got[0].dataset) == data
     record_property("answer", f"two C-ECHO-RSP with status {echoes[0][1]:#06x} and {echoes[1][1]:#06x}; "
-                              f"C-STORE-RSP status {store[1]:#06x}, data set byte for byte: {bytes(got[0].dataset) == data}")
+                              f"C-STORE-RSP status {store[1]:#06x}, data set byte for byte: {same}")
     assert store == (0x8001, 0)
     assert bytes(got[0].dataset) == data and got[0].affected_sop_instance_uid == uid
     s.sendall(pdu.RELEASE_RQ_PDU)

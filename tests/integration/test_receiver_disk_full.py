@@ -1,4 +1,4 @@
-"""The data disk full while instances arrive: Out of Resources for that instance, nothing half-written, the node goes on.
+"""The data disk full while instances arrive: Out of Resources for that one, nothing half-written, the node goes on.
 
 The node's data folder is a small tmpfs (mounting needs root; the test skips without it), so the
 disk really fills: no write is faked.
