@@ -23,12 +23,14 @@ import pytest
 from pynetdicom import AE
 
 from analyzers.phantoms import CR_IMAGE, PhantomPatient, image_dataset, save
+from dicomnode.registry import available_analyzers
 from tests.peers import NodeProcess, Orthanc, free_port, have_peers, storescu
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(not have_peers(), reason="Orthanc/DCMTK/dicom3tools not installed")]
 
 RULES = [{"name": "probe", "when": {"Modality": {"in": ["CR"]}}, "analyzers": ["intensity_probe"], "stable_after": 1}]
-BUNDLED = ("chest_xray_thoracic", "spine_xray_keypoints", "dxa_scoliosis")
+# every installed analyzer, disabled where a test wants the probe alone
+BUNDLED = tuple(available_analyzers())
 # identity that must never reach a log or the audit trail
 PHI = {"PatientName": "Auditfamily^Secretgiven", "PatientID": "PID-7731-XQ", "PatientBirthDate": "19430517",
        "AccessionNumber": "ACC-55821-Z"}

@@ -22,6 +22,7 @@ import pytest
 
 from analyzers.phantoms import PhantomPatient, image_dataset, save
 
+from dicomnode.registry import available_analyzers
 from dicomnode.uids import CR_IMAGE, CT_IMAGE
 from tests.dicomtools import dciodvfy
 from tests.peers import PEER_ENV, REPO, NodeProcess, Orthanc, have_peers, storescu
@@ -29,7 +30,8 @@ from tests.peers import PEER_ENV, REPO, NodeProcess, Orthanc, have_peers, stores
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(not have_peers(), reason="Orthanc/DCMTK/dicom3tools not installed")]
 
 PROBE_RULES = [{"name": "probe", "when": {"Modality": {"in": ["CR", "CT"]}}, "analyzers": ["intensity_probe"], "stable_after": 1}]
-BUNDLED = ("chest_xray_thoracic", "spine_xray_keypoints", "dxa_scoliosis")
+# every installed analyzer, disabled where a test wants the probe alone
+BUNDLED = tuple(available_analyzers())
 PROBE_CONFIG = {
     "analyzers": {"device": "cpu", "plugins": ["tests.plugins.probe:IntensityProbe"], "max_attempts": 2,
                   "retry_delay": 0.5,

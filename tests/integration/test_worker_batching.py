@@ -12,10 +12,12 @@ from dicomnode.uids import CR_IMAGE
 from dicomnode.config import Config
 from dicomnode.index import Index
 from dicomnode.receiver import record_from
+from dicomnode.registry import available_analyzers
 from dicomnode.store import Store
 from dicomnode.worker import Worker
 
-BUNDLED = ("chest_xray_thoracic", "spine_xray_keypoints", "dxa_scoliosis")
+# every installed analyzer, disabled where a test wants the probe alone
+BUNDLED = tuple(available_analyzers())
 
 
 def _config(tmp_path, batch_size: int) -> Config:
