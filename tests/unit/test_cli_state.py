@@ -20,6 +20,7 @@ from dicomnode.index import Index
 from dicomnode.outbox import Outbox
 from dicomnode.queue import JobQueue
 from dicomnode.receiver import record_from
+from dicomnode.registry import available_analyzers
 from dicomnode.store import Store
 
 DAY = 86400.0
@@ -72,8 +73,7 @@ def site(tmp_path, monkeypatch):
                          "archive": {"ae_title": "ARCHIVE", "host": "127.0.0.1", "port": 4243}},
         "rules_file": "rules.yaml",
         "analyzers": {"device": "cpu", "plugins": ["tests.plugins.probe:IntensityProbe", "tests.unit.test_cli_state:OnnxProbe"],
-                      "settings": {"chest_xray_thoracic": {"enabled": False}, "spine_xray_keypoints": {"enabled": False},
-                                   "dxa_scoliosis": {"enabled": False},
+                      "settings": {**{name: {"enabled": False} for name in available_analyzers()},
                                    "onnx_probe": {"options": {"file": str(onnx_file), "sha256": sha256_file(onnx_file)}}}},
         "node": {"fsync": False},
     }
