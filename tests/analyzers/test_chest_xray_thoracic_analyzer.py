@@ -255,6 +255,7 @@ def test_implausible_segmentation_withholds_findings(analyzer, change):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_no_training_radiograph_is_declined_and_every_ratio_is_plausible(analyzer):
     """Every real frontal radiograph of ../shared/traindata through the networks and the gates."""
     from analyzers.chest_xray_thoracic import data
