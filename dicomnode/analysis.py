@@ -320,10 +320,23 @@ class ModelInfo:
     sha256: str
     phantom_trained: bool
     path: str = ""
+    clinical_use: bool = False
+    """Only weights whose registry entry says ``clinical_use: true`` go without a not-for-clinical-use notice."""
+    use_note: str = ""
+    """Why else the weights are restricted, e.g. "for research, non-commercial use only" (training data licences)."""
 
     @property
     def not_for_clinical_use(self) -> bool:
-        return self.phantom_trained
+        return self.phantom_trained or not self.clinical_use
+
+    @property
+    def restriction(self) -> str:
+        """Why these weights are not for clinical use, as a phrase ("" when they are cleared for it)."""
+        if self.phantom_trained:
+            return "trained on synthetic phantoms"
+        if not self.clinical_use:
+            return self.use_note or "not cleared for clinical use"
+        return ""
 
 
 SERIES_LABELS = {"SR": "SR", "SEG": "SEG", "SC": "heatmap", "GSPS": "annotations"}
@@ -380,6 +393,12 @@ class AnalysisResult:
     @property
     def not_for_clinical_use(self) -> bool:
         return any(m.not_for_clinical_use for m in self.models)
+
+    @property
+    def use_notice(self) -> str:
+        """One sentence for every result object: why its weights are not for clinical use ("" when all are cleared)."""
+        reasons = list(dict.fromkeys(m.restriction for m in self.models if m.not_for_clinical_use))
+        return f"Produced with model weights {'; '.join(reasons)}: not for clinical use." if reasons else ""
 
     def summary(self) -> dict[str, Any]:
         """A JSON-able digest (no pixel data), for logs, CLI output and tests."""
@@ -580,6 +599,10 @@ class RegistryEntry:
     extra: dict[str, Any] = field(default_factory=dict)
     """Calibration stored with the model (thresholds, operating points, input size...)."""
     registry_path: Path | None = None
+    clinical_use: bool = False
+    """Cleared for clinical use (registry key ``clinical_use: true``); no bundled weight is."""
+    use_note: str = ""
+    """Why else the weights are restricted (registry key ``use_note``), e.g. training-data licences."""
 
     @property
     def path(self) -> Path:
@@ -587,7 +610,8 @@ class RegistryEntry:
         return (base / self.file).resolve()
 
     def info(self) -> ModelInfo:
-        return ModelInfo(self.name, self.version, self.sha256, self.phantom_trained, str(self.path))
+        return ModelInfo(self.name, self.version, self.sha256, self.phantom_trained, str(self.path),
+                         self.clinical_use, self.use_note)
 
     def verify(self) -> None:
         if not self.path.is_file():
@@ -606,13 +630,15 @@ class RegistryEntry:
         missing = [k for k in ("name", "version", "file", "sha256", "phantom_trained") if k not in data]
         if missing:
             raise ValueError(f"model registry {registry_path} lacks {', '.join(missing)}")
-        known = {"name", "version", "file", "sha256", "phantom_trained"}
+        known = {"name", "version", "file", "sha256", "phantom_trained", "clinical_use", "use_note"}
         return cls(
             name=data["name"],
             version=str(data["version"]),
             file=data["file"],
             sha256=data["sha256"],
             phantom_trained=bool(data["phantom_trained"]),
+            clinical_use=bool(data.get("clinical_use", False)),
+            use_note=str(data.get("use_note", "")),
             extra={k: v for k, v in data.items() if k not in known},
             registry_path=registry_path,
         )
@@ -624,6 +650,8 @@ class RegistryEntry:
             "file": self.file,
             "sha256": self.sha256,
             "phantom_trained": self.phantom_trained,
+            **({"clinical_use": True} if self.clinical_use else {}),
+            **({"use_note": self.use_note} if self.use_note else {}),
             **self.extra,
         }
         Path(registry_path).write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")

@@ -400,9 +400,13 @@ def export_classifier(net: ThoracicClassifier, path: Path) -> None:
     export_onnx(ClassifierExport(net), (x, m), ["image", "mask"], ["probability", "evidence"], path)
 
 
+# Most training radiographs are licensed CC BY-NC-SA or without a stated licence (see MODEL_CARD.md).
+USE_NOTE = "for research, non-commercial use only (training images under CC BY-NC-SA or unstated licences)"
+
+
 def write_entry(onnx_path: Path, name: str, version: str, extra: dict) -> Path:
     entry = RegistryEntry(name=name, version=version, file=onnx_path.name, sha256=sha256_file(onnx_path),
-                          phantom_trained=False, extra=extra)
+                          phantom_trained=False, use_note=USE_NOTE, extra=extra)
     json_path = onnx_path.with_suffix(".json")
     entry.save(json_path)
     return json_path

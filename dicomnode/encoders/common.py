@@ -96,8 +96,8 @@ def _contribution(result: AnalysisResult, model) -> str:
     text = f"Processing Algorithm: {result.analyzer} {result.analyzer_version}"
     if model is not None:
         text += f", model {model.name} {model.version} (sha256 {model.sha256[:12]})"
-        if model.phantom_trained:
-            text += "; weights trained on phantoms, not for clinical use"
+        if model.not_for_clinical_use:
+            text += f"; weights {model.restriction}, not for clinical use"
     return text
 
 

@@ -95,7 +95,7 @@ def _encode_one(result, study, ctx, template, heatmap: Heatmap, series_uid: str,
     if probability is not None and np.isfinite(probability):
         detail += f" \u00b7 probability {probability:.2f}"
     if result.not_for_clinical_use:
-        detail += " \u00b7 phantom-trained model, not for clinical use"
+        detail += " \u00b7 not for clinical use"
     lines.append(detail)
     # Small images (e.g. 64x64 CT slices) are enlarged by a whole factor so the caption stays legible.
     factor = max(1, -(-MIN_WIDTH // grey.shape[1]))

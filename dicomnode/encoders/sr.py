@@ -48,7 +48,6 @@ from .common import (
     unique,
 )
 
-NOT_FOR_CLINICAL_USE_TEXT = "Produced with model weights trained on synthetic phantoms: not for clinical use."
 _UNCERTAINTY_CODES = {
     UncertaintyClass.CERTAIN: GENERIC_CODES["certain"],
     UncertaintyClass.MODERATE: GENERIC_CODES["moderately_uncertain"],
@@ -501,5 +500,5 @@ def _root_evaluations(result, template, root_findings, ref_dataset, heatmap_imag
         )
     items.append(review)
     if result.not_for_clinical_use:
-        items.append(hd.sr.TextContentItem(name=GENERIC_CODES["not_for_clinical_use"], value=NOT_FOR_CLINICAL_USE_TEXT, relationship_type=_REL.CONTAINS))
+        items.append(hd.sr.TextContentItem(name=GENERIC_CODES["not_for_clinical_use"], value=result.use_notice, relationship_type=_REL.CONTAINS))
     return items

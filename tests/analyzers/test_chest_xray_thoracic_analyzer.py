@@ -51,6 +51,8 @@ def test_phantom_result_is_complete_and_consistent(analyzer, tmp_path):
     study, truth = _study(folder)
     ds = pydicom.dcmread(folder / truth["file"])
     result = analyzer.analyze(analyzer.select(study))
+    # real-image weights under non-commercial licences: still not for clinical use, and the notice says why
+    assert result.not_for_clinical_use and "research, non-commercial" in result.use_notice
     assert [s.sop_instance_uid for s in result.sources] == [truth["sop_instance_uid"]]
     keys = [f.key for f in result.findings]
     assert keys == [FINDING_KEYS[label] for label in LABELS]

@@ -6,6 +6,7 @@ import pytest
 from analyzers.phantoms import PhantomPatient, image_dataset
 from dicomnode import imaging
 from dicomnode.analysis import (
+    AnalysisResult,
     NotApplicable,
     Region,
     RegistryEntry,
@@ -80,3 +81,20 @@ def test_registry_entry_verifies_sha(tmp_path):
 
 def test_bundled_analyzers_are_registered():
     assert {"chest_xray_thoracic", "spine_xray_keypoints", "dxa_scoliosis"} <= set(available_analyzers())
+
+
+def test_every_result_not_cleared_for_clinical_use_says_why(tmp_path):
+    weights = tmp_path / "m.onnx"
+    weights.write_bytes(b"weights")
+    entry = RegistryEntry("m", "1.0", "m.onnx", sha256_file(weights), False, use_note="for research use only")
+    entry.save(tmp_path / "m.json")
+    real = RegistryEntry.load(tmp_path / "m.json").info()
+    phantom = RegistryEntry("p", "1.0", "m.onnx", sha256_file(weights), True).info()
+    cleared = RegistryEntry("c", "1.0", "m.onnx", sha256_file(weights), False, clinical_use=True).info()
+    assert real.not_for_clinical_use and real.restriction == "for research use only"
+    assert phantom.not_for_clinical_use and phantom.restriction == "trained on synthetic phantoms"
+    assert not cleared.not_for_clinical_use and cleared.restriction == ""
+    result = AnalysisResult("a", "1", models=[real, phantom, cleared])
+    assert result.use_notice == ("Produced with model weights for research use only; trained on synthetic phantoms: "
+                                 "not for clinical use.")
+    assert AnalysisResult("a", "1", models=[cleared]).use_notice == ""
