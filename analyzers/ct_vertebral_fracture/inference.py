@@ -28,7 +28,7 @@ OFF_SPINE_MM = 12.0
 """A peak further than this (anteroposterior) from the curve through its neighbours is not on the spine."""
 PEAK_MIN_DISTANCE_MM = 10.0
 LABEL_DISAGREEMENT = 0.34
-"""Largest share of vertebrae whose own level estimate may disagree with the consecutive labelling."""
+"""Largest share of vertebrae whose own level estimate may be more than a level off the consecutive labelling."""
 CRUSH_MARGIN = 1.10
 """The neighbours set the expected height only when it exceeds the vertebra's own tallest height by this factor."""
 
@@ -137,13 +137,13 @@ def on_spine(found: np.ndarray, heat: np.ndarray, spacing: float = REFORMAT_SPAC
 def consecutive_labels(level_estimates: np.ndarray) -> tuple[np.ndarray, float]:
     """Integer levels for vertebrae ordered head to feet: consecutive, offset by the median estimate.
 
-    Returns the levels and the share of vertebrae whose own estimate is more than half a level away.
+    Returns the levels and the share of vertebrae whose own estimate is more than one level away.
     """
     est = np.asarray(level_estimates, dtype=np.float64)
     rank = np.arange(len(est))
     offset = int(np.round(np.median(est - rank)))
     levels = offset + rank
-    return levels, float(np.mean(np.abs(est - levels) > 0.5)) if len(est) else 0.0
+    return levels, float(np.mean(np.abs(est - levels) > 1.0)) if len(est) else 0.0
 
 
 def localise(volume: Volume, detector: DetectorFn) -> Localisation:
@@ -170,6 +170,11 @@ def localise(volume: Volume, detector: DetectorFn) -> Localisation:
         )
     est = np.array([ndimage.map_coordinates(level_map, [[r], [c]], order=1)[0] for r, c in found])
     levels, disagreement = consecutive_labels(est)
+    if disagreement > LABEL_DISAGREEMENT:
+        raise NotApplicable(
+            f"the vertebral levels could not be labelled consistently ({disagreement:.0%} of {len(found)} vertebrae are more than a level "
+            "off their order); the series may not show the spine's landmarks (ribs, lungs, sacrum) clearly"
+        )
     cents = []
     for (r, c) in found:
         z = zmax - r * grid.spacing

@@ -437,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         write_registry(args.out, DETECTOR, "detector.onnx", args.version, {
             "input": "reformat (1, 3, H, W): slab mean, slab maximum, full-width mean of HU scaled to [0, 1]; rows from the head down",
             "reformat_spacing_mm": REFORMAT_SPACING, "levels": list(CONTEXT_LEVELS), "width": 8, "depth": 3,
-            "seeds": {"train": TRAIN_SEED, "tune": TUNE_SEED, "n_train": args.n_train},
+            "seeds": {"train": TRAIN_SEED, "tune": TUNE_SEED, "n_train": args.n_train, "steps": args.detector_steps},
         })
     if args.only in (None, "classifier"):
         x = np.concatenate([s["patches"] for s in train_s])
@@ -458,10 +458,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.save(net.state_dict(), args.out / "classifier.pt")
         export_classifier(net, args.out / "classifier.onnx")
         write_registry(args.out, CLASSIFIER, "classifier.onnx", args.version, {
-            "input": "patch (N, 1, 96, 96, 96): 1 mm, spine-aligned, HU clipped to [-1000, 1000] scaled to [0, 1]; average-pooled by 3 inside the graph",
+            "input": "patch (N, 1, 96, 96, 96): 1 mm, spine-aligned, HU clipped to [-1000, 1000] scaled to [0, 1]; average-pooled by 3 and the central 24^3 kept inside the graph",
             "width": 8, "levels": 2, "in_pool": POOL, "crop": CROP_3MM, "dropout": 0.3,
             "threshold": threshold, "height_bias_mm": bias, "dissection": dissection,
-            "seeds": {"train": TRAIN_SEED, "tune": TUNE_SEED, "n_train": args.n_train, "n_tune": args.n_tune},
+            "seeds": {"train": TRAIN_SEED, "tune": TUNE_SEED, "n_train": args.n_train, "n_tune": args.n_tune, "steps": args.classifier_steps},
             "tuning": {"auroc": auroc(yt, prob), "vertebrae": int(len(yt)), "fractured": int(yt.sum())},
         })
     log("done")

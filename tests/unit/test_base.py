@@ -79,4 +79,4 @@ def test_registry_entry_verifies_sha(tmp_path):
 
 
 def test_bundled_analyzers_are_registered():
-    assert {"chest_xray_thoracic", "spine_xray_keypoints", "dxa_scoliosis"} <= set(available_analyzers())
+    assert {"chest_xray_thoracic", "spine_xray_keypoints", "dxa_scoliosis", "ct_vertebral_fracture"} <= set(available_analyzers())
