@@ -180,8 +180,9 @@ class Heights:
         return [self.anterior, self.middle, self.posterior]
 
 
-MAX_HALF_MM = 20.0
-"""No vertebral body (L5 at about 27 mm, plus tolerance) reaches further than this from its centre."""
+MAX_HALF_MM = 30.0
+"""No cortex of the body lies further than this from a detected centre (half an L5 body, about 14 mm, plus the
+detector's offset and tolerance)."""
 
 
 def _edge(profile: np.ndarray, start: int, step: int, spacing: float) -> float | None:

@@ -91,8 +91,11 @@ def test_phantom_study_gets_one_group_per_vertebra_and_valid_objects(analyzer, p
         assert any(r.group == g and r.key == "vertebral_body_centroid" for r in result.regions)
     called = [f for f in result.findings if f.key == "vertebral_fracture" and f.value]
     assert len(result.heatmaps) <= 3 * len(called)
-    for f in called:
-        assert f.heatmap in {h.key for h in result.heatmaps}
+    called_sites = {f.site for f in called}
+    for h in result.heatmaps:  # activation maps only for vertebrae called fractured
+        assert h.finding == "vertebral_fracture" and h.key.split("_unit_")[0] in called_sites
+    for f in called:  # a unit is shown only where it fires above its threshold (the paper's M_k)
+        assert f.heatmap is None or f.heatmap in {h.key for h in result.heatmaps}
     for ds in analysis.datasets:
         assert dciodvfy(ds).errors == [], ds.Modality
 
