@@ -98,7 +98,8 @@ def _encode_one(result, ctx, template: Template, regions: list[Region], datasets
         if layer not in used_layers:
             used_layers.append(layer)
     referenced = list(OrderedDict((r.source.sop_instance_uid, datasets[r.source.sop_instance_uid]) for r in regions).values())
-    label = "AI_" + "".join(c for c in result.analyzer.upper() if c.isalnum() or c == "_")
+    # a Content Label is a CS of at most 16 characters that may not end in an underscore
+    label = ("AI_" + "".join(c for c in result.analyzer.upper() if c.isalnum() or c == "_"))[:16].rstrip("_")
     gsps = hd.pr.GrayscaleSoftcopyPresentationState(
         referenced_images=referenced,
         series_instance_uid=series_uid,

@@ -19,7 +19,7 @@ from tests.peers import REPO, NodeProcess, Orthanc, have_peers, storescu_each_sy
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(not have_peers(), reason="Orthanc/DCMTK not installed")]
 
-BUNDLED = ["chest_xray_thoracic", "spine_xray_keypoints", "dxa_scoliosis", "spine_mri_grading"]
+BUNDLED = ["chest_xray_thoracic", "spine_xray_keypoints", "dxa_scoliosis", "spine_mri_grading", "ct_vertebral_fracture"]
 
 
 @pytest.mark.parametrize("name", BUNDLED)

@@ -8,7 +8,7 @@ import pytest
 
 from tests.peers import REPO
 
-BUNDLED = ["chest_xray_thoracic", "spine_xray_keypoints", "dxa_scoliosis", "spine_mri_grading"]
+BUNDLED = ["chest_xray_thoracic", "spine_xray_keypoints", "dxa_scoliosis", "spine_mri_grading", "ct_vertebral_fracture"]
 
 
 @pytest.mark.parametrize("name", BUNDLED)

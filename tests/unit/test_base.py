@@ -80,7 +80,7 @@ def test_registry_entry_verifies_sha(tmp_path):
 
 
 def test_bundled_analyzers_are_registered():
-    assert {"chest_xray_thoracic", "spine_xray_keypoints", "dxa_scoliosis"} <= set(available_analyzers())
+    assert {"chest_xray_thoracic", "spine_xray_keypoints", "dxa_scoliosis", "ct_vertebral_fracture", "spine_mri_grading"} <= set(available_analyzers())
 
 
 def test_every_result_not_cleared_for_clinical_use_says_why(tmp_path):
