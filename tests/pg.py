@@ -87,10 +87,15 @@ class Postgres:
         return self.url(name)
 
     def stop(self) -> None:
+        """Fast shutdown of the server itself (``runuser`` does not pass signals on), then remove its folder."""
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # fast shutdown: SIGTERM (smart) would wait for clients to leave
             try:
-                self.proc.wait(15)
+                postmaster = int((self.dir / "data" / "postmaster.pid").read_text().split()[0])
+                os.kill(postmaster, signal.SIGINT)  # fast shutdown: SIGTERM (smart) would wait for clients to leave
+            except (OSError, ValueError, IndexError):
+                self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
