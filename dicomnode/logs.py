@@ -55,10 +55,10 @@ def setup_logging(cfg: Any = None, process: str = "node", level: str | None = No
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s %(levelname)s %(message)s")
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if level == "DEBUG" else logging.CRITICAL)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
-    # pydicom's and highdicom's warnings quote the offending values, which may be patient data.
+    # pydicom's and highdicom's warnings quote the offending values, which may be patient data: never logged, DEBUG included.
     logging.captureWarnings(True)
     for name in ("pydicom", "highdicom", "py.warnings"):
-        logging.getLogger(name).setLevel(logging.DEBUG if level == "DEBUG" else logging.CRITICAL)
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 # The project's own code (core, analyzers, templates) writes messages with UIDs, keys and counts, never header values.
@@ -77,7 +77,7 @@ def safe_error(exc: BaseException) -> str:
     if origin.startswith(_PROJECT + os.sep) and "site-packages" not in origin:
         return f"{name}: {exc}"
     where = f" in {os.path.basename(origin)}:{tb[-1].lineno} {tb[-1].name}" if tb else ""
-    return f"{name}{where} (message withheld: it may quote data set values; log level DEBUG shows it)"
+    return f"{name}{where} (message withheld: it may quote data set values)"
 
 
 def safe_trace(exc: BaseException, limit: int = 5) -> str:

@@ -26,7 +26,7 @@ from .config import Config, load_config
 from .index import Index
 from .queue import Job, JobQueue, worker_name
 from .heartbeat import Heartbeat
-from .logs import debug_enabled, safe_error, safe_trace
+from .logs import safe_error, safe_trace
 from .store import Store
 
 log = structlog.get_logger("dicomnode.worker")
@@ -209,8 +209,6 @@ class Worker:
         outcome = self.queue.fail(job.id, error, worker=worker_name())
         log.error("job_failed", job=job.id, study_uid=job.study_uid, analyzer=job.analyzer, error=error,
                   outcome=outcome, trace=safe_trace(exc))
-        if debug_enabled():
-            log.debug("job_failed_detail", job=job.id, message=str(exc)[:1500])
         self._audit(job, "failed" if outcome == "failed" else "retry")
 
     def _audit(self, job: Job, result: str, **fields: Any) -> None:
