@@ -618,7 +618,8 @@ class RegistryEntry:
             raise FileNotFoundError(f"model {self.name!r}: weights file {self.path} does not exist")
         actual = sha256_file(self.path)
         if actual != self.sha256:
-            raise ValueError(f"model {self.name!r}: sha256 of {self.path} is {actual}, registry says {self.sha256}")
+            raise ValueError(f"model {self.name!r}: sha256 of {self.path} is {actual}, registry says {self.sha256}; the weights "
+                             "file is damaged or not the one the registry names: restore it or fix the registry entry")
 
     @classmethod
     def load(cls, registry_path: Path) -> "RegistryEntry":

@@ -22,6 +22,7 @@ import structlog
 from . import audit, metrics
 from .config import Config
 from .index import Index
+from .logs import safe_error
 from .queue import JobQueue
 from .router import RuleSet, RulesError, evaluate, series_view
 from .store import Store
@@ -107,7 +108,7 @@ class Assembler:
             try:
                 return self._sweep(now or time.time())
             except Exception as exc:  # one bad study must not stop future sweeps
-                log.error("sweep_failed", error=f"{type(exc).__name__}: {exc}")
+                log.error("sweep_failed", error=safe_error(exc))
                 return 0
 
     def _sweep(self, now: float) -> int:

@@ -21,7 +21,7 @@ def frames(ds: "pydicom.Dataset") -> np.ndarray:
     try:
         arr = ds.pixel_array
     except Exception as exc:  # a decoder missing or corrupt data: the analyzer cannot see the image
-        raise NotApplicable(f"pixel data cannot be decoded ({type(exc).__name__}: {exc})") from exc
+        raise NotApplicable(f"pixel data cannot be decoded ({type(exc).__name__})") from exc
     arr = np.asarray(arr, dtype=np.float32)
     n = int(ds.get("NumberOfFrames", 1) or 1)
     if n == 1 and arr.ndim == 2:

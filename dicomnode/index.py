@@ -15,10 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import structlog
+
 if TYPE_CHECKING:
     from .store import Store
 
 OWNER = "index"
+log = structlog.get_logger("dicomnode.index")
 
 # One entry per schema version; a database at version n runs entries n and later, in order.
 MIGRATIONS = (
@@ -109,6 +112,9 @@ class Index:
     def add(self, rec: InstanceRecord, now: float | None = None) -> None:
         """Record an instance already in the spool; a re-sent instance replaces its row.
 
+        Re-sent under another series or study, the newer copy wins: the old file is removed and the
+        old series and study count one instance fewer (and go when left empty).
+
         Runs once per received instance, before the receiver answers: the series and study rows
         are updated in place, and only the first instance of a series or study inserts its row
         (with the series' routing attributes as JSON). Instances of one study arriving at several
@@ -116,8 +122,15 @@ class Index:
         updates it instead.
         """
         now = now or time.time()
+        moved = None
         with self.store.transaction() as db:
-            new = 0 if db.execute("SELECT 1 FROM instances WHERE sop_uid=?", (rec.sop_uid,)).fetchone() else 1
+            old = db.execute("SELECT series_uid, study_uid, path FROM instances WHERE sop_uid=?", (rec.sop_uid,)).fetchone()
+            new = 0 if old and old["series_uid"] == rec.series_uid else 1
+            new_in_study = 0 if old and old["study_uid"] == rec.study_uid else 1
+            if new and old:
+                # the same SOP Instance UID under another series or study: the newer copy wins, the old one leaves
+                moved = (old["series_uid"], old["study_uid"], old["path"])
+                self._forget_one(db, old["series_uid"], old["study_uid"] if new_in_study else None)
             db.execute(
                 """INSERT INTO instances VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT (sop_uid) DO UPDATE SET
                        series_uid=excluded.series_uid, study_uid=excluded.study_uid, sop_class_uid=excluded.sop_class_uid,
@@ -140,7 +153,7 @@ class Index:
             if not db.execute(
                     """UPDATE studies SET last_arrival=?, state='receiving', calling_ae=COALESCE(?, calling_ae),
                            calling_host=COALESCE(?, calling_host), n_instances=n_instances+? WHERE study_uid=?""",
-                    (now, rec.calling_ae, rec.calling_host, new, rec.study_uid)).rowcount:
+                    (now, rec.calling_ae, rec.calling_host, new_in_study, rec.study_uid)).rowcount:
                 db.execute(
                     """INSERT INTO studies (study_uid, calling_ae, calling_host, first_arrival, last_arrival, state,
                            study_date, modalities, n_instances) VALUES (?,?,?,?,?,'receiving',?,?,1)
@@ -149,6 +162,21 @@ class Index:
                     (rec.study_uid, rec.calling_ae, rec.calling_host, now, now, rec.study_date,
                      rec.attributes.get("Modality"), new),
                 )
+        if moved:
+            if moved[2] != str(rec.path):
+                Path(moved[2]).unlink(missing_ok=True)
+            log.info("instance_moved", sop_uid=rec.sop_uid, old_series_uid=moved[0], old_study_uid=moved[1],
+                     series_uid=rec.series_uid, study_uid=rec.study_uid)
+
+    @staticmethod
+    def _forget_one(db: Any, series_uid: str, study_uid: str | None) -> None:
+        """One instance fewer in a series and (when given) its study; a series or study left empty goes."""
+        db.execute("UPDATE series SET n_instances=n_instances-1 WHERE series_uid=?", (series_uid,))
+        db.execute("DELETE FROM series WHERE series_uid=? AND n_instances<=0", (series_uid,))
+        if study_uid is None:
+            return
+        db.execute("UPDATE studies SET n_instances=n_instances-1 WHERE study_uid=?", (study_uid,))
+        db.execute("DELETE FROM studies WHERE study_uid=? AND n_instances<=0", (study_uid,))
 
     def reconcile(self, parse) -> int:
         """Index spool files that the index lacks; move damaged ones (cut off mid-write) aside.
@@ -165,6 +193,12 @@ class Index:
             rec = parse(path)
             if rec is None:
                 self.store.quarantine(path)
+                continue
+            indexed = self.store.db.execute("SELECT path FROM instances WHERE sop_uid=?", (rec.sop_uid,)).fetchone()
+            if indexed and Path(indexed[0]).is_file():
+                # an older copy the node had replaced when a crash stopped it removing the file; the indexed one is newer
+                path.unlink(missing_ok=True)
+                log.info("stale_copy_removed", sop_uid=rec.sop_uid, study_uid=rec.study_uid, series_uid=rec.series_uid)
                 continue
             self.add(rec, now=path.stat().st_mtime)
             added += 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 from typing import Any
 
 import structlog
@@ -54,3 +55,32 @@ def setup_logging(cfg: Any = None, process: str = "node", level: str | None = No
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s %(levelname)s %(message)s")
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if level == "DEBUG" else logging.CRITICAL)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    # pydicom's and highdicom's warnings quote the offending values, which may be patient data: never logged, DEBUG included.
+    logging.captureWarnings(True)
+    for name in ("pydicom", "highdicom", "py.warnings"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+# The project's own code (core, analyzers, templates) writes messages with UIDs, keys and counts, never header values.
+_PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def safe_error(exc: BaseException) -> str:
+    """An exception as text fit for a log line or the jobs table.
+
+    Messages raised inside libraries that read data sets (pydicom, highdicom, numpy) may quote
+    header values, so those keep only their type and where they were raised.
+    """
+    name = type(exc).__name__
+    tb = traceback.extract_tb(exc.__traceback__)
+    origin = os.path.abspath(tb[-1].filename) if tb else ""
+    if origin.startswith(_PROJECT + os.sep) and "site-packages" not in origin:
+        return f"{name}: {exc}"
+    where = f" in {os.path.basename(origin)}:{tb[-1].lineno} {tb[-1].name}" if tb else ""
+    return f"{name}{where} (message withheld: it may quote data set values)"
+
+
+def safe_trace(exc: BaseException, limit: int = 5) -> str:
+    """The traceback's last frames (file, line, function), without the message or any value."""
+    frames = traceback.extract_tb(exc.__traceback__)[-limit:]
+    return " > ".join(f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in frames)

@@ -23,7 +23,7 @@ from .dimse.acceptor import StorageSCP, StoreRequest, is_storage_like
 from .dimse.part10 import file_header, read_file_meta
 from .dimse.status import Status
 from .header import Header, header_from_dataset, read_header, text
-from .logs import debug_enabled
+from .logs import debug_enabled, safe_error
 from .index import ROUTING_KEYWORDS, Index, InstanceRecord
 from .store import IncomingFile, Store, valid_uid
 
@@ -65,7 +65,7 @@ def reindex_file(path: Path) -> InstanceRecord | None:
         header = read_header(memoryview(raw)[meta.offset:], meta.transfer_syntax)
         return record_from_header(header, path, len(raw), transfer_syntax=meta.transfer_syntax)
     except Exception as exc:  # a file cut off mid-write was never acknowledged: set it aside
-        log.warning("spool_file_damaged", path=str(path), error=f"{type(exc).__name__}: {exc}", action="moved to quarantine")
+        log.warning("spool_file_damaged", path=str(path), error=safe_error(exc), action="moved to quarantine")
         return None
 
 

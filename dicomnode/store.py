@@ -172,6 +172,10 @@ def valid_uid(uid: Any) -> bool:
     return isinstance(uid, str) and 0 < len(uid) <= 64 and bool(_UID.match(uid))
 
 
+# Instances and the index hold patient data: only the node's own user may read them.
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+
 class Store:
     """The spool folder and the database (SQLite in the data folder, or PostgreSQL); safe to use from many threads.
 
@@ -191,11 +195,16 @@ class Store:
         self.tmp = shared / "tmp" if shared_dir is None else shared / "tmp" / _node_name(self.data_dir)
         self.results = shared / "results"
         for d in (self.data_dir, self.spool, self.tmp, self.results):
-            d.mkdir(parents=True, exist_ok=True)
+            d.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+            d.chmod(DIR_MODE)  # also a data folder made by an earlier version or by hand
         self.db_path = self.data_dir / "index.sqlite"
         self.database = database
         self.postgres = database is not None
         self.where = _redact(database) if database else str(self.db_path)
+        if not self.postgres:
+            # SQLite gives its -wal and -shm files the database file's mode, so one owner-only file covers all three.
+            os.close(os.open(self.db_path, os.O_RDWR | os.O_CREAT, FILE_MODE))
+            self.db_path.chmod(FILE_MODE)
         self.fsync = fsync
         self._local = threading.local()
         # SQLite: one writer at a time within the process, since its busy handler would otherwise put
@@ -348,7 +357,7 @@ class Store:
         """
         parts = [chunks] if isinstance(chunks, (bytes, bytearray, memoryview)) else list(chunks)
         try:
-            fd = self._in_folder(path, lambda: os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            fd = self._in_folder(path, lambda: os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE))
         except FileExistsError:
             return self._replace(path, parts)
         try:
@@ -368,7 +377,7 @@ class Store:
 
     def _replace(self, path: Path, parts: list[Any]) -> int:
         tmp_name = self.tmp / f"{path.name}.{os.getpid()}.{threading.get_ident()}.part"
-        fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
         try:
             size = _write_all(fd, parts)
             if self.fsync:
@@ -403,7 +412,9 @@ class Store:
         while not d.exists():
             missing.append(d)
             d = d.parent
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        for d in missing:
+            d.chmod(DIR_MODE)  # mkdir's parents get the default mode, not the one asked for
         if self.fsync:
             for d in reversed(missing):
                 _fsync_dir(d.parent)
@@ -415,7 +426,7 @@ class Store:
     def quarantine(self, path: Path) -> None:
         """Move a damaged spool file (cut off mid-write, never acknowledged) to ``quarantine/``."""
         folder = self.data_dir / "quarantine"
-        folder.mkdir(exist_ok=True)
+        folder.mkdir(mode=DIR_MODE, exist_ok=True)
         os.replace(path, folder / path.name)
 
     def clear_tmp(self) -> None:
@@ -471,7 +482,7 @@ class IncomingFile:
         self.key = key
         self.offset = len(prefix)
         self.path = store.tmp / f"incoming.{os.getpid()}.{threading.get_ident()}.{next(_names)}.part"
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE)
         self.size = 0
         self._flushed = 0
         self._map: mmap.mmap | None = None

@@ -15,7 +15,6 @@ import shutil
 import signal
 import threading
 import time
-import traceback
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,6 +26,7 @@ from .config import Config, load_config
 from .index import Index
 from .queue import Job, JobQueue, worker_name
 from .heartbeat import Heartbeat
+from .logs import safe_error, safe_trace
 from .store import Store
 
 log = structlog.get_logger("dicomnode.worker")
@@ -94,7 +94,7 @@ class Worker:
                 self.analyzer(name)
                 self._context(name)
             except Exception as exc:
-                failed[name] = f"{type(exc).__name__}: {exc}"
+                failed[name] = safe_error(exc)
                 log.error("analyzer_load_failed", analyzer=name, error=failed[name])
         Heartbeat(self.store).set(key, {"pid": os.getpid(), "state": "ready", "loaded": sorted(self._analyzers),
                                     "failed": failed})
@@ -205,11 +205,10 @@ class Worker:
         shutil.rmtree(out_dir, ignore_errors=True)
         if isinstance(exc, LeaseLost):
             return
-        error = f"{type(exc).__name__}: {exc}"
+        error = safe_error(exc)
         outcome = self.queue.fail(job.id, error, worker=worker_name())
-        trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=5))
         log.error("job_failed", job=job.id, study_uid=job.study_uid, analyzer=job.analyzer, error=error,
-                  outcome=outcome, trace=trace[-1500:])
+                  outcome=outcome, trace=safe_trace(exc))
         self._audit(job, "failed" if outcome == "failed" else "retry")
 
     def _audit(self, job: Job, result: str, **fields: Any) -> None:
@@ -276,7 +275,7 @@ def worker_main(config_path: str, stop: Any, wake: Any, delivered: Any = None, p
         try:
             busy = worker.run_one()
         except Exception as exc:  # the index was busy or broken for a moment: keep serving
-            log.error("worker_error", error=f"{type(exc).__name__}: {exc}")
+            log.error("worker_error", error=safe_error(exc))
             busy = False
         if not busy:
             wake.wait(1.0)

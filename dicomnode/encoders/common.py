@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as _dt
+import math
+import re
 import zlib
 from dataclasses import dataclass
 from typing import Iterable, Mapping
@@ -110,6 +112,104 @@ _COPIED = (
 )
 
 
+# Header attributes that pass from the source into result objects (the copied ones, what highdicom reads, those finish() copies).
+_SANITISED = _COPIED + ("BodyPartExamined", "Laterality", "PatientOrientation", "SeriesDate", "SeriesTime", "ContentDate",
+                        "ContentTime", "AcquisitionDateTime")
+# Type 2 attributes of the patient and study modules stay present (empty) when their value is unusable; others are removed.
+_TYPE2 = {"PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID",
+          "AccessionNumber", "ReferringPhysicianName", "Laterality", "PatientOrientation"}
+_MAX_LEN = {"AE": 16, "AS": 4, "CS": 16, "DS": 16, "LO": 64, "SH": 16, "ST": 1024, "LT": 10240, "UI": 64}
+_VALID = {
+    "DA": re.compile(r"\d{8}"),
+    "TM": re.compile(r"([01]\d|2[0-3])([0-5]\d([0-5]\d(\.\d{1,6})?)?)?"),
+    "DT": re.compile(r"\d{4}(\d{2}(\d{2}(\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?)?)?)?([+-]\d{4})?"),
+    "AS": re.compile(r"\d{3}[DWMY]"),
+    "CS": re.compile(r"[A-Z0-9_ ]*"),
+}
+_ENUMS = {"PatientSex": {"M", "F", "O"}, "Laterality": {"R", "L"}}
+
+
+def sanitise_header(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """Make the header attributes that results copy valid per their VR, in place; returns ``ds``.
+
+    A source's malformed values must never stop its results: an unusable value is emptied
+    (Type 2) or removed, a multi-valued one where the result expects one keeps its first value.
+    """
+    for kw in _SANITISED:
+        if kw not in ds or ds[kw].VR == "SQ":
+            continue
+        elem = ds[kw]
+        try:
+            values = _text_values(elem.value)
+            keep = _valid_values(kw, elem.VR, values)
+        except Exception:  # a value that does not even decode is as unusable as a malformed one
+            keep = None
+        if keep is None:
+            if kw in _TYPE2:
+                ds[kw].value = ""
+            else:
+                del ds[kw]
+        elif keep != values:
+            ds[kw].value = keep[0] if len(keep) == 1 else keep
+    return ds
+
+
+def _text_values(value) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+        return [str(v) for v in value]
+    if isinstance(value, bytes):
+        value = value.decode("ascii")
+    return [str(value)]
+
+
+def _valid_values(kw: str, vr: str, values: list[str]) -> list[str] | None:
+    """The values to keep, or None when nothing usable is left."""
+    if not values or values == [""]:
+        return values
+    multiple = kw == "PatientOrientation"
+    values = values[:2] if multiple else values[:1]
+    if any(len(v) > _MAX_LEN.get(vr, 10**6) for v in values):
+        return None
+    for v in values:
+        if vr in _VALID and not _VALID[vr].fullmatch(v):
+            return None
+        if vr == "DA" and not _date_ok(v):
+            return None
+        if vr == "DS" and not _number_ok(v):
+            return None
+        if vr == "PN" and not _name_ok(v):
+            return None
+        if kw in _ENUMS and v not in _ENUMS[kw]:
+            return None
+        if "\\" in v or any(ord(c) < 32 and c not in "\x1b" for c in v):
+            return None
+    if multiple and len(values) != 2:
+        return None
+    return values
+
+
+def _date_ok(v: str) -> bool:
+    try:
+        _dt.date(int(v[:4]), int(v[4:6]), int(v[6:8]))
+    except ValueError:
+        return False
+    return True
+
+
+def _number_ok(v: str) -> bool:
+    try:
+        return math.isfinite(float(v))
+    except ValueError:
+        return False
+
+
+def _name_ok(v: str) -> bool:
+    groups = v.split("=")
+    return len(groups) <= 3 and all(len(g) <= 64 and g.count("^") <= 4 for g in groups)
+
+
 def finish(ds: pydicom.Dataset, source: pydicom.Dataset, ctx: EncoderContext, description: str) -> pydicom.Dataset:
     """Attributes every result object carries, set after highdicom built it."""
     for kw in _COPIED:
@@ -167,7 +267,7 @@ def _latin1(ds: pydicom.Dataset) -> bool:
 
 def source_dataset(study: Study, ref: SourceRef, what: str) -> pydicom.Dataset:
     try:
-        return study.instance(ref.sop_instance_uid).dataset
+        return sanitise_header(study.instance(ref.sop_instance_uid).dataset)
     except KeyError:
         raise EncodingError(f"{what} refers to instance {ref.sop_instance_uid}, which is not in study {study.study_instance_uid}") from None
 
@@ -197,6 +297,7 @@ __all__ = [
     "contributing_equipment",
     "finish",
     "new_uid",
+    "sanitise_header",
     "series_description",
     "series_number",
     "stable_uid",

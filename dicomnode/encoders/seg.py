@@ -123,7 +123,7 @@ def _encode_one(result, study, ctx, template, seg: Segmentation, algorithm, seri
         # highdicom refuses what a SEG cannot express (e.g. a multi-frame source without patient geometry).
         raise EncodingError(
             f"{result.analyzer}: segmentation {number} ({', '.join(seg.segments)}) cannot be written as a DICOM SEG "
-            f"over source {sources[0].SOPInstanceUID}: {exc}"
+            f"over source {sources[0].SOPInstanceUID}: highdicom raised {type(exc).__name__}"
         ) from exc
     _complete_pixel_measures(obj, sources[0])
     if "FrameOfReferenceUID" not in sources[0] and "ImageOrientationPatient" not in sources[0]:

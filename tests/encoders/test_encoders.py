@@ -7,7 +7,9 @@ import dataclasses
 import numpy as np
 import pydicom
 import pytest
+from pydicom.dataelem import RawDataElement
 from pydicom.sr.codedict import codes
+from pydicom.tag import Tag
 
 from dicomnode.analysis import Finding, Region, Segmentation, SourceRef, Study
 from dicomnode.encoders import EncoderContext, EncodingError, encode_result, series_number
@@ -257,3 +259,27 @@ def test_empty_segmentation_writes_no_seg_and_bad_geometry_is_a_clear_error(stud
     result.segmentations[0].masks = result.segmentations[0].masks[:, :10]
     with pytest.raises(EncodingError, match="masks are 200x10 but source"):
         encode_result(result, study, EncoderContext(), template)
+
+
+MALFORMED = {"PatientBirthDate": "1901020399", "PatientName": ["Zyxwv^Qwerty", "Plokij^Mnbvc"], "StudyDate": "2024",
+             "StudyTime": "256199", "PatientSex": "Q", "PatientAge": "12 years",
+             "ReferringPhysicianName": "A" * 70}
+
+
+def test_malformed_source_header_values_are_made_valid_in_every_result(template, tmp_path):
+    """A source's bad header values never stop its results: each object copies a valid value or none."""
+    study = cr_study()
+    for series in study.series:
+        for inst in series.instances:
+            for kw, value in MALFORMED.items():
+                setattr(inst.dataset, kw, value)
+            # a value pydicom cannot even convert, as it arrives from a file
+            inst.dataset[0x00101030] = RawDataElement(Tag(0x00101030), "DS", 5, b"heavy", 0, True, True)
+    result = fixture_result(study)
+    objects = encode_result(result, study, EncoderContext(), template)
+    check_all(objects, result, template, study, tmp_path)
+    for ds in objects:
+        assert str(ds.PatientName) == "Zyxwv^Qwerty"  # one name where one is expected: the first
+        for kw in ("PatientBirthDate", "StudyDate", "StudyTime", "PatientSex", "ReferringPhysicianName"):
+            assert kw in ds and not ds[kw].value, kw  # Type 2: present, empty
+        assert "PatientAge" not in ds and "PatientWeight" not in ds
