@@ -14,6 +14,7 @@ import structlog
 from . import audit, metrics
 from .config import Config, Destination
 from .dimse import requestor
+from .logs import safe_error
 from .outbox import Outbox
 
 log = structlog.get_logger("dicomnode.sender")
@@ -80,7 +81,7 @@ class Sender:
             try:
                 busy = self.round()
             except Exception as exc:  # the sender must keep going whatever one round met
-                log.error("sender_error", error=f"{type(exc).__name__}: {exc}")
+                log.error("sender_error", error=safe_error(exc))
                 busy = False
             if not busy:
                 self._wake.wait(self.cfg.sender.poll_interval)

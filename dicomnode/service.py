@@ -20,6 +20,7 @@ from .assembler import Assembler, RulesHolder
 from .config import Config
 from .heartbeat import Heartbeat
 from .index import Index
+from .logs import safe_error
 from .outbox import Outbox
 from .queue import JobQueue
 from .receiver import Receiver, reindex_file
@@ -172,7 +173,7 @@ class Node:
                 if self.sending and self.outbox.next_due_in() == 0:
                     self.sender.wake()
             except Exception as exc:
-                log.error("supervisor_error", error=f"{type(exc).__name__}: {exc}")
+                log.error("supervisor_error", error=safe_error(exc))
 
     def _reload_config(self) -> None:
         """Callers, destinations, assembly and sender settings follow config/node.yaml without a restart."""
