@@ -75,7 +75,11 @@ class BatchProbe(IntensityProbe):
         out = []
         for inputs in batch:
             if "FAIL" in inputs[0].description.upper():
-                out.append(ValueError("the probe was told to fail on this series"))
+                # as a real analyzer does: one study's exception is caught, with its traceback, and returned
+                try:
+                    raise ValueError("the probe was told to fail on this series")
+                except ValueError as exc:
+                    out.append(exc)
             else:
                 out.append(self.analyze(inputs))
         return out
