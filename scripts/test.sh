@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Sets up everything the test suite needs (Debian packages, .venv, the OHIF viewer) and runs the whole
-# suite: the default tests, then the tests against a private PostgreSQL (-m postgres), then the viewer
-# suite (tests/viewer: every analyzer's results opened in OHIF in headless Chromium).
+# Sets up everything the test suite needs (Debian packages, .venv) and runs the whole suite: the
+# default tests, then the tests against a private PostgreSQL (-m postgres).
 # Extra arguments go to pytest instead, e.g. scripts/test.sh -m slow   or   scripts/test.sh tests/unit -x
-#   scripts/test.sh --viewer [ARGS]   only the viewer suite
+#   scripts/test.sh --viewer [ARGS]   the viewer suite (tests/viewer: every analyzer's results opened in
+#                                     OHIF in headless Chromium; installs chromium and OHIF first)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export TCP_NODELAY=1 PYTHONUNBUFFERED=1
@@ -22,5 +22,4 @@ if [ $# -gt 0 ]; then
     exec .venv/bin/python -m pytest "$@"
 fi
 .venv/bin/python -m pytest
-.venv/bin/python -m pytest -m postgres
-viewer
+exec .venv/bin/python -m pytest -m postgres

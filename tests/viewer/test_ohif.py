@@ -38,6 +38,7 @@ def _tracked_objects(path) -> int:
     return len({g.tracking_uid for g in groups})
 
 
+
 def _overlap(a: dict, b: dict) -> float:
     """Height in pixels of the overlap of two label boxes (0 when they do not meet)."""
     dx = min(a["x"] + a["width"], b["x"] + b["width"]) - max(a["x"], b["x"])
@@ -57,8 +58,9 @@ def test_image_shows(viewer_report, analyzer):
     (view,) = _views(viewer_report, analyzer, "image")
     assert view["ready"] and view["canvases"] > 0, f"no image in the viewport; see {view['screenshot']}"
     pixels = _viewport_pixels(view)
-    # A black viewport (bar its text overlay) means the image did not render; a whole-body DXA fills ~15 %.
-    assert (pixels > 40).mean() > 0.05, f"the viewport is blank; see {view['screenshot']}"
+    # A black viewport (bar its text overlay, well under 1 %) means the image did not render; a whole-body DXA
+    # in the scanner's narrow portrait geometry lights about 4-5 % of a wide viewport.
+    assert (pixels > 40).mean() > 0.02, f"the viewport is blank; see {view['screenshot']}"
 
 
 @pytest.mark.parametrize("analyzer", ANALYZERS)
